@@ -1,0 +1,405 @@
+"""The room table: every live room of one role, its stores, and the engine.
+
+The engine executes the rule table *compiled from the parsed ``transitions``
+machine* of :mod:`kvroom.fsm.spec`: for each (event, state) the list of
+``(guard, dest, cleanup)`` taken from ``machine.events[e].transitions``, and for
+each state the ``on_enter`` callbacks of ``machine.states``.  A transition is
+one list index, the guards, an attribute write and the hooks, all under the
+room's own lock; nothing in it is O(live rooms).
+
+Time is always passed in (``now``); the table reads no clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from transitions import Machine
+
+from kvroom.errors import (
+    BackendError,
+    DeadlineExceededError,
+    DuplicateRoomError,
+    KVRoomError,
+    PeerLostError,
+    RemoteFailureError,
+    RoomAbortedError,
+    RoomStateError,
+)
+from kvroom.fsm.observer import CleanupRecord, IgnoredRecord, Observer, TransitionRecord
+from kvroom.fsm.room import Room
+from kvroom.fsm.spec import MACHINES, ORIGIN, Event, KVPoll, Origin, Role
+from kvroom.fsm.stores import KeyedStore, RoomStore, Store
+
+__all__ = ["Deadlines", "RoomTable", "CompiledRule", "compile_machine", "STANDARD_STORES", "STAGING_STORES"]
+
+STANDARD_STORES = (
+    "request_status",
+    "transfer_infos",
+    "decode_prefix_lens",
+    "failure_records",
+    "exceptions",
+)
+STAGING_STORES = ("prefetched_rooms", "prefetch_requested")
+
+
+class CompiledRule(NamedTuple):
+    """One executable row: guard (or None), destination (None: internal), after hooks."""
+
+    guard: Callable[[Room], bool] | None
+    dest: KVPoll | None
+    after: tuple[Callable[[Room], None], ...]
+
+
+Compiled = dict[Event, list[tuple[CompiledRule, ...] | None]]
+
+
+def _callables(name: str, funcs: Iterable[object]) -> tuple[Callable[..., Any], ...]:
+    """Hooks must be callables: string callbacks would resolve on a model by name."""
+    out: list[Callable[..., Any]] = []
+    for func in funcs:
+        if not callable(func):
+            raise TypeError(f"{name}: hook {func!r} is not a callable; pass functions, not names")
+        out.append(func)
+    return tuple(out)
+
+
+def compile_machine(machine: Machine) -> tuple[Compiled, list[tuple[Callable[[Room], None], ...]]]:
+    """Turn a parsed ``transitions`` Machine into lookup tables.
+
+    Returns ``rules[event][state]`` (None where no transition is declared) and
+    ``enter_hooks[state]``.
+    """
+    rules: Compiled = {event: [None] * len(KVPoll) for event in Event}
+    for name, ev in machine.events.items():
+        event = Event(name)
+        for src_name, trans_list in ev.transitions.items():
+            compiled = []
+            for t in trans_list:
+                if len(t.conditions) > 1 or any(not c.target for c in t.conditions):
+                    raise ValueError(f"{name}: only one positive guard per rule is supported")
+                guards = _callables(name, (c.func for c in t.conditions))
+                dest = KVPoll[t.dest] if t.dest is not None else None
+                compiled.append(CompiledRule(guards[0] if guards else None, dest, _callables(name, t.after)))
+            rules[event][KVPoll[src_name]] = tuple(compiled)
+    enter: list[tuple[Callable[[Room], None], ...]] = [()] * len(KVPoll)
+    for state in KVPoll:
+        enter[state] = _callables(state.name, machine.states[state.name].on_enter)
+    return rules, enter
+
+
+_COMPILED = {role: compile_machine(MACHINES[role]) for role in Role}
+
+_DEFAULT_ERRORS: dict[Event, type[KVRoomError]] = {
+    Event.ABORT: RoomAbortedError,
+    Event.REMOTE_ABORT: RemoteFailureError,
+    Event.TRANSPORT_ERROR: BackendError,
+    Event.PEER_LOST: PeerLostError,
+    Event.TIMEOUT: DeadlineExceededError,
+}
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds a room may stay in each non-terminal state (None: no deadline)."""
+
+    bootstrapping: float | None = 30.0
+    waiting: float | None = 300.0
+    transferring: float | None = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("bootstrapping", "waiting", "transferring"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"deadline {name} must be positive or None, got {value!r}")
+
+    def for_state(self, state: KVPoll) -> float | None:
+        """The deadline of ``state`` in seconds, or None."""
+        if state is KVPoll.Bootstrapping:
+            return self.bootstrapping
+        if state is KVPoll.WaitingForInput:
+            return self.waiting
+        if state is KVPoll.Transferring:
+            return self.transferring
+        return None
+
+
+class _NullObserver:
+    def on_transition(self, record: TransitionRecord) -> None:
+        pass
+
+    def on_cleanup(self, record: CleanupRecord) -> None:
+        pass
+
+    def on_ignored(self, record: IgnoredRecord) -> None:
+        pass
+
+
+class RoomTable:
+    """All rooms of one role in one process, their stores, and their deadlines.
+
+    Thread-safe: each transition and its cleanup runs under the room's lock;
+    different rooms never share a lock on the transition path.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        deadlines: Deadlines | None = None,
+        observer: Observer | None = None,
+        staging: bool = False,
+    ) -> None:
+        self.role = role
+        self.deadlines = deadlines or Deadlines()
+        self._observer: Observer = observer or _NullObserver()
+        self._rules, self._enter = _COMPILED[role]
+        self._state_deadline = [self.deadlines.for_state(s) for s in KVPoll]
+        self._rooms: dict[int, Room] = {}
+        self._stores: list[Store] = []
+        self._store_names: set[str] = {"request_status"}
+        self.transfer_infos: RoomStore[Any] = self.register_store(RoomStore("transfer_infos"))
+        self.decode_prefix_lens: RoomStore[int] = self.register_store(RoomStore("decode_prefix_lens"))
+        self.failure_records: RoomStore[str] = self.register_store(RoomStore("failure_records"))
+        self.exceptions: RoomStore[BaseException] = self.register_store(RoomStore("exceptions"))
+        self.staging = staging
+        self.prefetched_rooms: RoomStore[Any] | None = None
+        self.prefetch_requested: KeyedStore[Any] | None = None
+        if staging:
+            self.prefetched_rooms = self.register_store(RoomStore("prefetched_rooms"))
+            self.prefetch_requested = self.register_store(KeyedStore("prefetch_requested"))
+        self._heap: list[tuple[float, int, Room, KVPoll]] = []
+        self._heap_lock = threading.Lock()
+        self._seq = itertools.count()
+
+    # -- stores -------------------------------------------------------------
+
+    def register_store(self, store: Any) -> Any:
+        """Add a store; its state is removed whenever a room is cleaned up."""
+        if not isinstance(store, Store):
+            raise TypeError(f"expected a Store, got {type(store).__name__}")
+        if store.name in self._store_names:
+            raise ValueError(f"a store named {store.name!r} is already registered")
+        self._store_names.add(store.name)
+        self._stores.append(store)
+        return store
+
+    @property
+    def store_names(self) -> tuple[str, ...]:
+        """Names of every registered store, ``request_status`` first."""
+        return ("request_status", *(s.name for s in self._stores))
+
+    def footprint(self, room_id: int) -> frozenset[str]:
+        """Names of the stores that still hold state for ``room_id`` (empty when clean)."""
+        held = {s.name for s in self._stores if s.holds(room_id)}
+        if room_id in self._rooms:
+            held.add("request_status")
+        return frozenset(held)
+
+    # -- rooms ----------------------------------------------------------------
+
+    def create(self, room_id: int, now: float, *, peer: str | None = None) -> Room:
+        """Create a room in Bootstrapping; a live duplicate id raises, untouched."""
+        if not isinstance(room_id, int) or isinstance(room_id, bool):
+            raise TypeError(f"room id must be an int, got {type(room_id).__name__}")
+        room = Room(room_id, self.role, self, now, peer)
+        existing = self._rooms.setdefault(room_id, room)
+        if existing is not room:
+            raise DuplicateRoomError(
+                f"room {room_id} ({self.role.value}) already exists in state {existing.state.name}"
+            )
+        self._arm_deadline(room, KVPoll.Bootstrapping, now)
+        return room
+
+    def get(self, room_id: int) -> Room | None:
+        """The live room with this id, or None (never created, failed, or cleared)."""
+        return self._rooms.get(room_id)
+
+    def __len__(self) -> int:
+        return len(self._rooms)
+
+    def live_rooms(self) -> list[Room]:
+        """A snapshot list of the live rooms."""
+        return list(self._rooms.values())
+
+    def snapshot(self) -> dict[str, int]:
+        """Live rooms per state name, for operators."""
+        counts = {s.name: 0 for s in KVPoll}
+        for room in list(self._rooms.values()):
+            counts[room.state.name] += 1
+        return counts
+
+    # -- the engine -----------------------------------------------------------
+
+    def fire(
+        self,
+        room: Room,
+        event: Event,
+        now: float,
+        *,
+        error: BaseException | None = None,
+        reason: str | None = None,
+        infos: int = 0,
+        chunks: int = 0,
+        aux: bool = False,
+    ) -> bool:
+        """Apply ``event`` to ``room``; True when a transition was taken.
+
+        ``infos``, ``chunks`` and ``aux`` advance the room's progress counters
+        (read by the guards) atomically with the event, and only while the room
+        is live.  An API event with no rule raises :class:`RoomStateError`
+        (except in Failed, which absorbs everything); any other unmatched event
+        is ignored and reported.
+        """
+        with room.lock:
+            if room.live:
+                room.infos_got += infos
+                room.chunks_done += chunks
+                room.aux_done = room.aux_done or aux
+            return self._fire_locked(room, event, now, error, reason)
+
+    def fire_id(self, room_id: int, event: Event, now: float, **kw: Any) -> bool:
+        """Like :meth:`fire` for a room known only by id; unknown ids are ignored."""
+        room = self._rooms.get(room_id)
+        if room is None:
+            self._observer.on_ignored(IgnoredRecord(room_id, self.role, None, event, now))
+            return False
+        return self.fire(room, event, now, **kw)
+
+    def _fire_locked(
+        self, room: Room, event: Event, now: float, error: BaseException | None, reason: str | None
+    ) -> bool:
+        src = room.state
+        rules = self._rules[event][src]
+        if rules is None:
+            if ORIGIN[event] is Origin.API and src is not KVPoll.Failed:
+                raise RoomStateError(room.id, self.role.value, src.name, event.value)
+            self._observer.on_ignored(IgnoredRecord(room.id, self.role, src, event, now))
+            return False
+        for rule in rules:
+            if rule.guard is None or rule.guard(room):
+                break
+        else:
+            return False
+        dest = rule.dest
+        room.last = now
+        if dest is None:
+            self._observer.on_transition(
+                TransitionRecord(room.id, self.role, room.peer, src, src, event, reason, now)
+            )
+            for hook in rule.after:
+                hook(room)
+            return True
+        if dest is KVPoll.Failed:
+            room.error = self._resolve_failure(room, event, error, reason)
+            if reason is None:
+                reason = str(room.error)
+        room.state = dest
+        room.since = now
+        self._arm_deadline(room, dest, now)
+        self._observer.on_transition(
+            TransitionRecord(room.id, self.role, room.peer, src, dest, event, reason, now)
+        )
+        for hook in self._enter[dest]:
+            hook(room)
+        for hook in rule.after:
+            hook(room)
+        return True
+
+    def _resolve_failure(
+        self, room: Room, event: Event, error: BaseException | None, reason: str | None
+    ) -> BaseException:
+        if error is not None:
+            return error
+        recorded = self.exceptions.get(room.id)
+        if recorded is not None:
+            return recorded
+        record = self.failure_records.get(room.id)
+        if record is not None:
+            return RuntimeError(record)
+        cls = _DEFAULT_ERRORS.get(event, KVRoomError)
+        return cls(reason or f"room {room.id} ({self.role.value}) failed: {event.value}")
+
+    def cleanup(self, room: Room) -> None:
+        """Remove ``room`` from every store and the registry; idempotent.
+
+        Runs as the ``on_enter`` hook of Failed and after ``clear`` of a
+        successful room, with the room's lock held.  Touches no other room.
+        """
+        if not room.live:
+            return
+        room.live = False
+        room.deadline = None
+        held = [s.name for s in self._stores if s.discard_room(room.id)]
+        if self._rooms.get(room.id) is room:
+            del self._rooms[room.id]
+            held.insert(0, "request_status")
+        self._observer.on_cleanup(CleanupRecord(room.id, self.role, room.state, tuple(held), room.last))
+
+    # -- deadlines --------------------------------------------------------------
+
+    def _arm_deadline(self, room: Room, state: KVPoll, now: float) -> None:
+        seconds = self._state_deadline[state]
+        if seconds is None:
+            room.deadline = None
+            return
+        room.deadline = due = now + seconds
+        with self._heap_lock:
+            heapq.heappush(self._heap, (due, next(self._seq), room, state))
+
+    def next_deadline(self) -> float | None:
+        """The earliest armed deadline (possibly stale), for sleeping until it."""
+        with self._heap_lock:
+            return self._heap[0][0] if self._heap else None
+
+    def expire(self, now: float) -> list[int]:
+        """Fail every room whose current state's deadline is at or before ``now``."""
+        due: list[tuple[float, Room, KVPoll]] = []
+        with self._heap_lock:
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                deadline, _, room, state = heapq.heappop(heap)
+                due.append((deadline, room, state))
+        expired = []
+        for deadline, room, state in due:
+            with room.lock:
+                if not room.live or room.state is not state or room.deadline != deadline:
+                    continue  # stale entry: the room moved on or was cleaned
+                seconds = self._state_deadline[state]
+                reason = (
+                    f"room {room.id} ({self.role.value}): {state.name} deadline of {seconds:g} s exceeded"
+                )
+                self._fire_locked(room, Event.TIMEOUT, now, None, reason)
+                expired.append(room.id)
+        return expired
+
+    # -- failures -------------------------------------------------------------
+
+    def record_failure(self, room: Room, reason: str, exc: BaseException | None = None) -> None:
+        """Record why a room is failing (consulted when it enters Failed)."""
+        self.failure_records.put(room, reason)
+        if exc is not None:
+            self.exceptions.put(room, exc)
+
+    @staticmethod
+    def failure_exception(room: Room) -> BaseException:
+        """The latched failure of a Failed room (its stores are already clean)."""
+        if room.state is not KVPoll.Failed or room.error is None:
+            raise RoomStateError(
+                room.id, room.role.value, room.state.name, "failure_exception", "room has not failed"
+            )
+        return room.error
+
+    def put_all(self, stores: Iterable[tuple[RoomStore[Any], Any]], room: Room) -> bool:
+        """Write several stores for one room atomically; False if the room is gone."""
+        with room.lock:
+            if not room.live:
+                return False
+            for store, value in stores:
+                store.put_locked(room, value)
+            return True
