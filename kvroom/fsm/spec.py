@@ -223,11 +223,13 @@ class Hooks:
         room.owner.cleanup(room)
 
 
-def build_machine(role: Role) -> Machine:
+def build_machine(role: Role, machine_cls: type[Machine] = Machine, **options: Any) -> Machine:
     """Parse ``RULES[role]`` into a ``transitions`` Machine with no model attached.
 
     States are the ``KVPoll`` members; events are ``Event`` values; guards and
     hooks are passed as callables (no string lookups on a model).
+    ``machine_cls`` and ``options`` let :mod:`kvroom.diagrams` build a
+    ``GraphMachine`` from the very same declaration.
     """
     states = [State(s.name, on_enter=[Hooks.enter_failed] if s is KVPoll.Failed else None) for s in KVPoll]
     transitions: list[dict[str, Any]] = []
@@ -242,7 +244,7 @@ def build_machine(role: Role) -> Machine:
         if rule.cleanup:
             t["after"] = [Hooks.cleanup_after]
         transitions.append(t)
-    return Machine(
+    return machine_cls(
         model=None,
         states=states,
         transitions=transitions,
@@ -251,6 +253,7 @@ def build_machine(role: Role) -> Machine:
         ignore_invalid_triggers=False,
         send_event=False,
         name=f"kvroom-{role.value}",
+        **options,
     )
 
 

@@ -1,0 +1,93 @@
+"""Audit events: the structlog adapter for the core's observer interface.
+
+kvroom never calls ``structlog.configure()``.  It asks for a logger, binds its
+context once (``role``, ``process``) and emits one event per transition
+(``room.transition`` with room, role, peer, src, dst, trigger, reason, time;
+the state-machine event is under ``trigger`` because structlog reserves
+``event`` for the event name) and per cleanup (``room.cleanup``).  Applications route
+those events like any other structlog output; :func:`json_lines_logger` gives
+a ready JSON-lines file logger for tools and the demo.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TextIO
+
+import structlog
+
+from kvroom.fsm.observer import CleanupRecord, IgnoredRecord, TransitionRecord
+
+__all__ = ["AuditObserver", "json_lines_logger", "TRANSITION_EVENT", "CLEANUP_EVENT", "IGNORED_EVENT"]
+
+TRANSITION_EVENT = "room.transition"
+CLEANUP_EVENT = "room.cleanup"
+IGNORED_EVENT = "room.ignored"
+
+
+class AuditObserver:
+    """Turns state-machine records into structlog events.
+
+    ``logger`` defaults to ``structlog.get_logger("kvroom.audit")``; ``context``
+    is bound once (``role`` and ``process`` are usual).  Ignored events are
+    logged at debug level only when ``log_ignored`` is set.
+    """
+
+    def __init__(self, logger: Any = None, *, log_ignored: bool = False, **context: Any) -> None:
+        base = logger if logger is not None else structlog.get_logger("kvroom.audit")
+        self._log = base.bind(**context)
+        self._log_ignored = log_ignored
+
+    def on_transition(self, record: TransitionRecord) -> None:
+        """Emit ``room.transition``."""
+        self._log.info(
+            TRANSITION_EVENT,
+            room=record.room,
+            role=record.role.value,
+            peer=record.peer,
+            src=record.src.name,
+            dst=record.dst.name,
+            trigger=record.event.value,
+            reason=record.reason,
+            time=record.time,
+        )
+
+    def on_cleanup(self, record: CleanupRecord) -> None:
+        """Emit ``room.cleanup`` naming the stores that held state."""
+        self._log.info(
+            CLEANUP_EVENT,
+            room=record.room,
+            role=record.role.value,
+            state=record.state.name,
+            stores=list(record.stores),
+            time=record.time,
+        )
+
+    def on_ignored(self, record: IgnoredRecord) -> None:
+        """Emit ``room.ignored`` at debug level when asked to."""
+        if self._log_ignored:
+            self._log.debug(
+                IGNORED_EVENT,
+                room=record.room,
+                role=record.role.value,
+                state=record.state.name if record.state is not None else None,
+                trigger=record.event.value,
+                time=record.time,
+            )
+
+
+def json_lines_logger(path: str | os.PathLike[str] | TextIO) -> Any:
+    """A structlog logger writing one JSON object per line to ``path``.
+
+    The file is opened in append mode, so several processes can share one
+    audit log (each line is a single ``write``).  Nothing global is configured.
+    """
+    if isinstance(path, (str, os.PathLike)):
+        stream: TextIO = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the logger
+    else:
+        stream = path
+    return structlog.wrap_logger(
+        structlog.WriteLogger(stream),
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer(sort_keys=True)],
+        wrapper_class=structlog.BoundLogger,
+    )

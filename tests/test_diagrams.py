@@ -1,0 +1,36 @@
+"""The committed diagrams are generated from the declaration and not stale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvroom.cli import main
+from kvroom.diagrams import DEFAULT_DIR, render_mermaid
+from kvroom.fsm import Role
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_committed_diagrams_are_current(capsys: object) -> None:
+    assert main(["diagrams", "--check"]) == 0
+
+
+def test_check_fails_on_stale_or_missing_files(tmp_path: Path) -> None:
+    assert main(["diagrams", "--check", "--out", str(tmp_path)]) == 1
+    assert main(["diagrams", "--out", str(tmp_path)]) == 0
+    assert main(["diagrams", "--check", "--out", str(tmp_path)]) == 0
+    (tmp_path / "sender.mmd").write_text((tmp_path / "sender.mmd").read_text().replace("send", "sned"))
+    assert main(["diagrams", "--check", "--out", str(tmp_path)]) == 1
+
+
+def test_diagrams_show_every_declared_event() -> None:
+    sender = render_mermaid(Role.SENDER)
+    assert "Transferring --> Success: complete [all_chunks_done]" in sender
+    assert "Bootstrapping --> Failed: abort | remote_abort | transport_error | peer_lost | timeout" in sender
+    assert "metadata_sent" in render_mermaid(Role.RECEIVER)
+
+
+def test_readme_shows_the_current_diagrams() -> None:
+    text = README.read_text()
+    for role in Role:
+        assert (DEFAULT_DIR / f"{role.value}.mmd").read_text().strip() in text
