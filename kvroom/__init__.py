@@ -20,7 +20,35 @@ from kvroom.errors import (
 )
 from kvroom.fsm import Deadlines, Event, KVPoll, Role, RoomTable
 
+_LAZY = {
+    "KVManager": "kvroom.manager",
+    "KVSender": "kvroom.sender",
+    "KVReceiver": "kvroom.receiver",
+    "KVPool": "kvroom.transport.layout",
+    "ManagerConfig": "kvroom.config",
+    "AuditObserver": "kvroom.audit",
+    "json_lines_logger": "kvroom.audit",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the transport-backed API (torch, NIXL, ZMQ) only when used."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvroom' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
+    "KVManager",
+    "KVSender",
+    "KVReceiver",
+    "KVPool",
+    "ManagerConfig",
+    "AuditObserver",
+    "json_lines_logger",
     "KVPoll",
     "Role",
     "Event",

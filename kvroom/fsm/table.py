@@ -357,26 +357,43 @@ class RoomTable:
         with self._heap_lock:
             return self._heap[0][0] if self._heap else None
 
-    def expire(self, now: float) -> list[int]:
-        """Fail every room whose current state's deadline is at or before ``now``."""
+    def take_due(self, now: float) -> list[tuple[Room, KVPoll, str]]:
+        """Pop the rooms whose current state's deadline is at or before ``now``.
+
+        Returns (room, state, reason) without firing anything, for callers that
+        must confirm something before failing a room (decode waits until no
+        write can still land).  Stale entries (the room moved on) are dropped.
+        """
         due: list[tuple[float, Room, KVPoll]] = []
         with self._heap_lock:
             heap = self._heap
             while heap and heap[0][0] <= now:
                 deadline, _, room, state = heapq.heappop(heap)
                 due.append((deadline, room, state))
-        expired = []
+        out = []
         for deadline, room, state in due:
-            with room.lock:
-                if not room.live or room.state is not state or room.deadline != deadline:
-                    continue  # stale entry: the room moved on or was cleaned
+            if room.live and room.state is state and room.deadline == deadline:
                 seconds = self._state_deadline[state]
                 reason = (
                     f"room {room.id} ({self.role.value}): {state.name} deadline of {seconds:g} s exceeded"
                 )
-                self._fire_locked(room, Event.TIMEOUT, now, None, reason)
-                expired.append(room.id)
-        return expired
+                out.append((room, state, reason))
+        return out
+
+    def fail_if_in(self, room: Room, state: KVPoll, event: Event, now: float, reason: str) -> bool:
+        """Fire a failing ``event`` only if ``room`` is still in ``state``."""
+        with room.lock:
+            if not room.live or room.state is not state:
+                return False
+            return self._fire_locked(room, event, now, None, reason)
+
+    def expire(self, now: float) -> list[int]:
+        """Fail every room whose current state's deadline is at or before ``now``."""
+        return [
+            room.id
+            for room, state, reason in self.take_due(now)
+            if self.fail_if_in(room, state, Event.TIMEOUT, now, reason)
+        ]
 
     # -- failures -------------------------------------------------------------
 

@@ -1,0 +1,35 @@
+"""Manager configuration with sensible defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvroom.fsm import Deadlines
+
+__all__ = ["ManagerConfig"]
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Tunables of a :class:`~kvroom.manager.KVManager`.
+
+    ``heartbeat_timeout`` bounds how long a dead or hung peer can hold rooms:
+    its rooms fail after that many seconds without a word from it.
+    """
+
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 5.0
+    max_message_bytes: int = 16 << 20
+    pending_limit: int = 65536  # transfer infos held for rooms not created yet
+    pending_ttl: float = 120.0
+    backends: tuple[str, ...] = ("UCX",)
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")
+        if self.max_message_bytes < 4096:
+            raise ValueError("max_message_bytes must be at least 4096")
+        if self.pending_limit <= 0 or self.pending_ttl <= 0:
+            raise ValueError("pending_limit and pending_ttl must be positive")

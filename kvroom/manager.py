@@ -1,0 +1,231 @@
+"""``KVManager``: one per process and role; joins the room table and the transport.
+
+One worker thread owns the NIXL agent and every ZMQ socket (the agent runs
+without a progress thread and with no thread-safety, so nothing else may touch
+it).  Scheduler threads talk to the worker through a command queue and read
+room state directly; state changes go through the room table, under each
+room's lock.
+
+A NIXL fault fails its room (or every room of a lost peer) and is returned by
+``failure_exception()``.  Anything else raised in the worker is a bug: it fails
+every live room with that error and is re-raised by the next API call.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import zmq
+
+from kvroom.audit import AuditObserver
+from kvroom.config import ManagerConfig
+from kvroom.errors import KVRoomError
+from kvroom.fsm import (
+    CleanupRecord,
+    Event,
+    IgnoredRecord,
+    Observer,
+    Role,
+    RoomTable,
+    TransitionRecord,
+)
+from kvroom.fsm.room import Room
+from kvroom.transport.layout import KVPool
+from kvroom.transport.nixl import NixlAgent, unique_agent_name
+
+__all__ = ["KVManager"]
+
+Command = Callable[[], None]
+
+
+class KVManager:
+    """Owns the NIXL agent, the control plane and the room table of one role.
+
+    ``role``: ``"prefill"``/``Role.SENDER`` or ``"decode"``/``Role.RECEIVER``.
+    ``pool``: the registered KV pages and aux slots.  Prefill listens on
+    ``bootstrap_port`` (0 picks a free one; see :attr:`bootstrap_addr`).
+    ``observer`` receives every transition; by default they go to structlog
+    as audit events (``audit=False`` turns that off).
+    """
+
+    def __init__(
+        self,
+        role: Role | str,
+        pool: KVPool,
+        *,
+        bootstrap_port: int = 0,
+        config: ManagerConfig | None = None,
+        observer: Observer | None = None,
+        audit: bool = True,
+        logger: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.role = _parse_role(role)
+        if not isinstance(pool, KVPool):
+            raise TypeError(f"pool must be a KVPool, got {type(pool).__name__}")
+        self.config = config or ManagerConfig()
+        self.pool = pool
+        self.clock = clock
+        self.agent_name = unique_agent_name(self.role.value)
+        self.log = (logger or structlog.get_logger("kvroom")).bind(
+            role=self.role.value, agent=self.agent_name
+        )
+        if observer is None and audit:
+            observer = AuditObserver(logger, role=self.role.value, process=self.agent_name)
+        self.observer = observer
+        self.table = RoomTable(self.role, deadlines=self.config.deadlines, observer=_Forward(self))
+        self._commands: collections.deque[Command] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = threading.Event()
+        self._fatal: BaseException | None = None
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self.agent = NixlAgent(self.agent_name, pool, self.config.backends)
+        try:
+            self.side = self._make_side(bootstrap_port)
+        except BaseException:
+            self.agent.close()
+            self._ctx.term()
+            raise
+        self.bootstrap_addr: str = getattr(self.side, "address", "")
+        self._thread = threading.Thread(target=self._run, name=f"kvroom-{self.role.value}", daemon=True)
+        self._thread.start()
+
+    def _make_side(self, port: int) -> Any:
+        if self.role is Role.SENDER:
+            from kvroom.prefill import PrefillSide
+
+            return PrefillSide(self, port)
+        from kvroom.decode import DecodeSide
+
+        return DecodeSide(self)
+
+    # -- API used by senders and receivers --------------------------------------
+
+    def check_alive(self) -> None:
+        """Raise if the worker died of a bug (never for transport faults)."""
+        if self._fatal is not None:
+            raise RuntimeError(f"kvroom {self.role.value} worker crashed: {self._fatal!r}") from self._fatal
+        if self._stopping.is_set():
+            raise KVRoomError(f"kvroom {self.role.value} manager is closed")
+
+    def submit(self, command: Command) -> None:
+        """Run ``command`` on the worker thread, soon."""
+        self.check_alive()
+        self._commands.append(command)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already
+
+    def create_room(self, room_id: int, peer: str | None) -> Room:
+        """Create a room in Bootstrapping (DuplicateRoomError for a live id)."""
+        self.check_alive()
+        return self.table.create(room_id, self.clock(), peer=peer)
+
+    def fire(self, room: Room, event: Event, **kw: Any) -> bool:
+        """Fire an event at the current time."""
+        return self.table.fire(room, event, self.clock(), **kw)
+
+    def footprint(self, room_id: int) -> frozenset[str]:
+        """Stores still holding state for ``room_id`` (empty after cleanup)."""
+        return self.table.footprint(room_id)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Live rooms per state and peer counts, for operators."""
+        return {"role": self.role.value, "rooms": self.table.snapshot(), **self.side.snapshot()}
+
+    # -- the worker -------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                self.side.register(poller)
+                busy = self.side.busy()
+                ready = dict(poller.poll(0 if self._commands else 1 if busy else 5))
+                if self._wake_r in ready:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                while self._commands:
+                    self._commands.popleft()()
+                now = self.clock()
+                self.side.step(ready, now)
+                self.side.expire(now)
+        except BaseException as exc:  # a bug: fail every room with it, re-raise on next API call
+            self._fatal = exc
+            self.log.exception("kvroom.worker_crashed")
+            now = self.clock()
+            for room in self.table.live_rooms():
+                self.table.fire(
+                    room, Event.TRANSPORT_ERROR, now, error=exc, reason=f"worker crashed: {exc!r}"
+                )
+        finally:
+            self.side.close()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the worker, close sockets and deregister memory (idempotent)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(timeout)
+        self.agent.close()
+        self._ctx.term()
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def __enter__(self) -> KVManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Forward:
+    """The table's observer: the user's observer first, then the transport side."""
+
+    def __init__(self, manager: KVManager) -> None:
+        self.m = manager
+
+    def on_transition(self, record: TransitionRecord) -> None:
+        if self.m.observer is not None:
+            self.m.observer.on_transition(record)
+        side = getattr(self.m, "side", None)
+        if side is not None:
+            side.on_transition(record)
+
+    def on_cleanup(self, record: CleanupRecord) -> None:
+        if self.m.observer is not None:
+            self.m.observer.on_cleanup(record)
+
+    def on_ignored(self, record: IgnoredRecord) -> None:
+        if self.m.observer is not None:
+            self.m.observer.on_ignored(record)
+
+
+def _parse_role(role: Role | str) -> Role:
+    if isinstance(role, Role):
+        return role
+    aliases = {
+        "prefill": Role.SENDER,
+        "sender": Role.SENDER,
+        "decode": Role.RECEIVER,
+        "receiver": Role.RECEIVER,
+    }
+    if not isinstance(role, str) or role.lower() not in aliases:
+        raise ValueError(f"role must be 'prefill' or 'decode', got {role!r}")
+    return aliases[role.lower()]

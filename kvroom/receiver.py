@@ -1,0 +1,94 @@
+"""``KVReceiver``: the decode scheduler's handle on one room."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvroom.decode import DecodeSide, ReceivePlan
+from kvroom.errors import RoomStateError
+from kvroom.fsm import Event, KVPoll, Role
+from kvroom.manager import KVManager
+from kvroom.transport.control import parse_address
+from kvroom.transport.descriptors import validate_pages
+
+__all__ = ["KVReceiver"]
+
+
+class KVReceiver:
+    """Receives one request's KV pages from prefill (method names follow SGLang).
+
+    Creating it creates the room (Bootstrapping); ``init()`` starts the
+    handshake with the prefill at ``bootstrap_addr``; ``send_metadata()`` tells
+    prefill where to write.  ``poll()`` turns Failed only once no write for the
+    room can still land, so its pages may be reused at once.
+    """
+
+    def __init__(self, manager: KVManager, bootstrap_addr: str, bootstrap_room: int) -> None:
+        if manager.role is not Role.RECEIVER:
+            raise ValueError("KVReceiver needs a decode manager")
+        parse_address(bootstrap_addr)
+        self.manager = manager
+        self.bootstrap_addr = bootstrap_addr
+        self.room = manager.create_room(bootstrap_room, peer=bootstrap_addr)
+        self._side: DecodeSide = manager.side
+        self._started = False
+
+    @property
+    def bootstrap_room(self) -> int:
+        """The room id."""
+        return self.room.id
+
+    def init(self) -> None:
+        """Start bootstrapping: connect to and greet the prefill peer."""
+        if not self._started:
+            self._started = True
+            room = self.room
+            self.manager.submit(lambda: self._side.connect(room))
+
+    def send_metadata(
+        self, kv_indices: Any, aux_index: int | None = None, decode_prefix_len: int = 0
+    ) -> None:
+        """Tell prefill which of our pages to fill (after a ``decode_prefix_len``-token prefix)."""
+        self.manager.check_alive()
+        pool = self.manager.pool
+        room = self.room
+        pages = validate_pages(kv_indices, pool.num_pages, f"room {room.id}")
+        if aux_index is not None and not 0 <= aux_index < pool.aux_slots:
+            raise ValueError(f"aux_index {aux_index} out of range for {pool.aux_slots} aux slots")
+        page_size = pool.layout.page_size
+        if not isinstance(decode_prefix_len, int) or decode_prefix_len < 0 or decode_prefix_len % page_size:
+            raise ValueError(f"decode_prefix_len must be a non-negative multiple of {page_size}")
+        if room.state is KVPoll.Failed:
+            return
+        if self._side.plans.get(room.id) is not None or room.state is not KVPoll.Bootstrapping:
+            raise RoomStateError(
+                room.id, "receiver", room.state.name, "send_metadata", "metadata already sent"
+            )
+        with room.lock:
+            room.chunks_needed = int(pages.size)
+        plan = ReceivePlan(pages, aux_index, decode_prefix_len // page_size)
+        if not self.manager.table.put_all([(self._side.plans, plan)], room):
+            return
+        self.manager.table.decode_prefix_lens.put(room, decode_prefix_len)
+        self._started = True
+        self.manager.submit(lambda: self._side.send_room(room))
+
+    def poll(self) -> KVPoll:
+        """The room's state; never raises transport errors."""
+        self.manager.check_alive()
+        return self.room.state
+
+    def failure_exception(self) -> BaseException:
+        """Raise the cause of a Failed room (its state is already clean)."""
+        raise self.manager.table.failure_exception(self.room)
+
+    def abort(self, reason: str = "aborted by decode scheduler") -> None:
+        """Fail the room; once metadata was sent, only after prefill confirms."""
+        room = self.room
+        self.manager.submit(lambda: self._side.abort(room, reason))
+
+    def clear(self) -> None:
+        """Drop a finished room's state (Success); Failed rooms are already clean."""
+        if self.room.state is KVPoll.Failed:
+            return
+        self.manager.fire(self.room, Event.CLEAR)

@@ -1,0 +1,104 @@
+"""``KVSender``: the prefill scheduler's handle on one room."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvroom.errors import RoomStateError
+from kvroom.fsm import Event, KVPoll, Role
+from kvroom.manager import KVManager
+from kvroom.prefill import PrefillSide, SendPlan
+from kvroom.transport.descriptors import validate_pages
+
+__all__ = ["KVSender"]
+
+
+class KVSender:
+    """Sends one request's KV pages to decode (method names follow SGLang).
+
+    Creating it creates the room (Bootstrapping); it becomes WaitingForInput
+    once decode's page list arrived.  Then ``init()`` and ``send()`` per chunk.
+    ``send()`` and ``poll()`` never raise transport errors: a fault shows as
+    ``poll() == KVPoll.Failed`` and ``failure_exception()`` returns its cause.
+    """
+
+    def __init__(self, manager: KVManager, bootstrap_addr: str | None, bootstrap_room: int) -> None:
+        if manager.role is not Role.SENDER:
+            raise ValueError("KVSender needs a prefill manager")
+        self.manager = manager
+        self.bootstrap_addr = bootstrap_addr
+        self.room = manager.create_room(bootstrap_room, peer=None)
+        self._side: PrefillSide = manager.side
+        room = self.room
+        manager.submit(lambda: self._side.adopt_pending(room))
+
+    @property
+    def bootstrap_room(self) -> int:
+        """The room id."""
+        return self.room.id
+
+    def init(self, num_pages: int, aux_index: int | None = None) -> None:
+        """Declare the request's page count and aux slot (before the first send)."""
+        pool = self.manager.pool
+        if not isinstance(num_pages, int) or isinstance(num_pages, bool):
+            raise TypeError(f"num_pages must be an int, got {type(num_pages).__name__}")
+        if num_pages < 0:
+            raise ValueError(f"num_pages must be >= 0, got {num_pages}")
+        if aux_index is not None and not 0 <= aux_index < pool.aux_slots:
+            raise ValueError(f"aux_index {aux_index} out of range for {pool.aux_slots} aux slots")
+        if self._side.send_plans.get(self.room.id) is not None:
+            raise RoomStateError(
+                self.room.id, "sender", self.room.state.name, "init", "init() was already called"
+            )
+        if self._side.send_plans.put(self.room, SendPlan(num_pages, aux_index)):
+            room = self.room
+            self.manager.submit(lambda: self._side.check_plan(room))
+
+    def send(self, kv_indices: Any, state_indices: Any = None) -> None:
+        """Hand over the next chunk of pages; the last chunk completes ``num_pages``.
+
+        Bad indices raise ValueError/TypeError; calling before the room is
+        WaitingForInput, or after Success, raises RoomStateError.  On a Failed
+        room it does nothing.
+        """
+        self.manager.check_alive()
+        room = self.room
+        plan = self._side.send_plans.get(room.id)
+        if plan is None:
+            if room.state is KVPoll.Failed:
+                return
+            raise RoomStateError(room.id, "sender", room.state.name, "send", "call init() first")
+        pages = validate_pages(kv_indices, self.manager.pool.num_pages, f"room {room.id}")
+        with room.lock:
+            if plan.sent_pages + pages.size > plan.num_pages:
+                raise ValueError(
+                    f"room {room.id}: {plan.sent_pages} + {pages.size} pages exceed "
+                    f"init(num_pages={plan.num_pages})"
+                )
+        if not self.manager.fire(room, Event.SEND):
+            return  # Failed absorbs it
+        with room.lock:
+            offset, seq = plan.sent_pages, plan.seq
+            plan.sent_pages += pages.size
+            plan.seq += 2
+            last = plan.sent_pages == plan.num_pages
+        self.manager.submit(lambda: self._side.post_chunk(room, pages, offset, seq, last))
+
+    def poll(self) -> KVPoll:
+        """The room's state; never raises transport errors."""
+        self.manager.check_alive()
+        return self.room.state
+
+    def failure_exception(self) -> BaseException:
+        """Raise the cause of a Failed room (its state is already clean)."""
+        raise self.manager.table.failure_exception(self.room)
+
+    def abort(self, reason: str = "aborted by prefill scheduler") -> None:
+        """Fail the room now; decode is told once nothing is in flight."""
+        self.manager.fire(self.room, Event.ABORT, reason=reason)
+
+    def clear(self) -> None:
+        """Drop a finished room's state (Success); Failed rooms are already clean."""
+        if self.room.state is KVPoll.Failed:
+            return
+        self.manager.fire(self.room, Event.CLEAR)

@@ -1,0 +1,111 @@
+"""Control-plane frames: versioned, schema-checked, size-capped.
+
+A message is a ZMQ multipart of 2 or 3 frames: ``MAGIC`` (with the protocol
+version), a JSON header ``{"type": ..., fields...}``, and for some types one
+binary payload.  :func:`decode` validates everything a peer can get wrong and
+raises :class:`~kvroom.errors.ProtocolError`; it never creates state.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple
+
+from kvroom.errors import ProtocolError
+
+__all__ = ["MAGIC", "VERSION", "Message", "encode", "decode", "SCHEMA", "MAX_HEADER_BYTES"]
+
+VERSION = 1
+MAGIC = b"KVR" + bytes([VERSION])
+MAX_HEADER_BYTES = 64 * 1024
+
+_INT = (int,)
+_OPT_INT = (int, type(None))
+_STR = (str,)
+_DICT = (dict,)
+
+# type -> (required fields with their types, payload: "none" | "required")
+SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
+    "hello": ({"agent": _STR, "layout": _DICT, "regions": _DICT}, "required"),
+    "welcome": ({"agent": _STR, "layout": _DICT}, "required"),
+    "reject": ({"reason": _STR}, "none"),
+    "room": ({"room": _INT, "aux_index": _OPT_INT, "prefix_pages": _INT, "npages": _INT}, "required"),
+    "abort": ({"room": _INT, "reason": _STR}, "none"),
+    "failed": ({"room": _INT, "reason": _STR}, "none"),
+    "ping": ({}, "none"),
+    "pong": ({}, "none"),
+}
+
+
+class Message(NamedTuple):
+    """A decoded control message."""
+
+    type: str
+    fields: dict[str, Any]
+    payload: bytes
+
+
+def encode(kind: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> list[bytes]:
+    """Frames for one message; raises ValueError for a message we could not decode."""
+    fields = dict(fields or {})
+    if kind not in SCHEMA:
+        raise ValueError(f"unknown message type {kind!r}")
+    header = json.dumps({"type": kind, **fields}, separators=(",", ":")).encode()
+    message = Message(kind, fields, payload)
+    _check(message, len(header))
+    frames = [MAGIC, header]
+    if SCHEMA[kind][1] == "required":
+        frames.append(payload)
+    return frames
+
+
+def decode(frames: list[bytes], max_bytes: int) -> Message:
+    """Parse and validate frames from a peer; raises ProtocolError."""
+    if not isinstance(frames, list) or len(frames) not in (2, 3):
+        raise ProtocolError(f"expected 2 or 3 frames, got {len(frames) if isinstance(frames, list) else '?'}")
+    magic, header = bytes(frames[0]), bytes(frames[1])
+    if magic[:3] != MAGIC[:3] or len(magic) != len(MAGIC):
+        raise ProtocolError("not a kvroom control frame (bad magic)")
+    if magic != MAGIC:
+        raise ProtocolError(f"unsupported protocol version {magic[3]} (this side speaks {VERSION})")
+    total = sum(len(f) for f in frames)
+    if total > max_bytes:
+        raise ProtocolError(f"message of {total} bytes exceeds the {max_bytes}-byte cap")
+    if len(header) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        data = json.loads(header)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"header is not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ProtocolError("header has no message type")
+    kind = data.pop("type")
+    if kind not in SCHEMA:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    needs_payload = SCHEMA[kind][1] == "required"
+    if needs_payload != (len(frames) == 3):
+        raise ProtocolError(f"{kind}: wrong number of frames ({len(frames)})")
+    message = Message(kind, data, bytes(frames[2]) if needs_payload else b"")
+    _check(message, len(header))
+    return message
+
+
+def _check(message: Message, header_len: int) -> None:
+    spec, _ = SCHEMA[message.type]
+    for name, types in spec.items():
+        value = message.fields.get(name, ...)
+        if value is ...:
+            raise ProtocolError(f"{message.type}: missing field {name!r}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ProtocolError(f"{message.type}: field {name!r} has type {type(value).__name__}")
+    extra = set(message.fields) - set(spec)
+    if extra:
+        raise ProtocolError(f"{message.type}: unexpected fields {sorted(extra)}")
+    if message.type == "room":
+        room, npages, prefix = (message.fields[k] for k in ("room", "npages", "prefix_pages"))
+        if npages < 0 or prefix < 0 or not 0 <= room < 2**64:
+            raise ProtocolError("room: negative or out-of-range numbers")
+        if len(message.payload) != npages * 8:
+            raise ProtocolError(f"room: payload of {len(message.payload)} bytes for {npages} pages")
+    if message.type in ("abort", "failed") and not 0 <= message.fields["room"] < 2**64:
+        raise ProtocolError(f"{message.type}: room id out of range")

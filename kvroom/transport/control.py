@@ -1,0 +1,122 @@
+"""The ZMQ control plane: a ROUTER on prefill, one DEALER per prefill on decode.
+
+Agent metadata, room transfer info, aborts, failure notices and heartbeats
+travel here (NIXL's own listen-thread exchange fails silently; RESEARCH.md).
+Sockets never block the caller: sends use ``NOBLOCK`` and drop on a full
+queue (the heartbeat then notices a dead peer); inbound messages are capped
+with ``MAXMSGSIZE``.  Every socket belongs to the manager's worker thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from kvroom.errors import BootstrapError, ProtocolError
+from kvroom.transport.codec import Message, decode, encode
+
+__all__ = ["ControlServer", "ControlClient", "parse_address"]
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port); raises ValueError."""
+    if not isinstance(address, str) or ":" not in address:
+        raise ValueError(f"bootstrap address must be 'host:port', got {address!r}")
+    host, _, port_text = address.rpartition(":")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bootstrap address {address!r} has a non-numeric port") from None
+    if not host or not 0 <= port < 65536:
+        raise ValueError(f"bootstrap address {address!r} is out of range")
+    return host, port
+
+
+def _socket(ctx: zmq.Context[Any], kind: int, max_bytes: int) -> zmq.Socket[Any]:
+    sock: zmq.Socket[Any] = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.SNDHWM, 10000)
+    sock.setsockopt(zmq.RCVHWM, 10000)
+    return sock
+
+
+class ControlServer:
+    """Prefill's ROUTER socket: one listening address, many decode peers."""
+
+    def __init__(self, ctx: zmq.Context[Any], host: str, port: int, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.socket = _socket(ctx, zmq.ROUTER, max_bytes)
+        try:
+            if port == 0:
+                port = self.socket.bind_to_random_port(f"tcp://{host}")
+            else:
+                self.socket.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            self.socket.close()
+            raise BootstrapError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; "
+                "choose another port or stop the process using it"
+            ) from None
+        self.address = f"{host}:{port}"
+
+    def recv(self) -> tuple[bytes, Message | ProtocolError] | None:
+        """One message if any is waiting: (peer identity, message or decode error)."""
+        try:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        identity, body = frames[0], frames[1:]
+        try:
+            return identity, decode(body, self.max_bytes)
+        except ProtocolError as exc:
+            return identity, exc
+
+    def send(
+        self, identity: bytes, kind: str, fields: dict[str, Any] | None = None, payload: bytes = b""
+    ) -> bool:
+        """Send to one peer; False when it could not be queued."""
+        try:
+            self.socket.send_multipart([identity, *encode(kind, fields, payload)], zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.socket.close(linger=0)
+
+
+class ControlClient:
+    """Decode's DEALER socket to one prefill bootstrap address."""
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, max_bytes: int) -> None:
+        host, port = parse_address(address)
+        self.address = address
+        self.max_bytes = max_bytes
+        self.socket = _socket(ctx, zmq.DEALER, max_bytes)
+        self.socket.connect(f"tcp://{host}:{port}")
+
+    def recv(self) -> Message | ProtocolError | None:
+        """One message if any is waiting (or the decode error)."""
+        try:
+            frames = self.socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        try:
+            return decode(frames, self.max_bytes)
+        except ProtocolError as exc:
+            return exc
+
+    def send(self, kind: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> bool:
+        """Send to the prefill; False when it could not be queued."""
+        try:
+            self.socket.send_multipart(encode(kind, fields, payload), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.socket.close(linger=0)

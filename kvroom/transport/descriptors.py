@@ -1,0 +1,78 @@
+"""Vectorised NIXL descriptor lists for page transfers.
+
+A transfer copies page ``src[i]`` to page ``dst[i]`` in every layer.  Runs
+where both page lists are contiguous become one descriptor per layer, built
+with numpy (no Python loop per page): ``(address, length, device)`` rows, the
+Nx3 layout ``nixl_agent.get_xfer_descs`` takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["page_runs", "run_descriptors", "validate_pages"]
+
+IntArray = npt.NDArray[np.int64]
+DescArray = npt.NDArray[np.uint64]
+
+
+def validate_pages(pages: object, num_pages: int, what: str) -> IntArray:
+    """Pages as an int64 array; raises ValueError/TypeError on bad input.
+
+    Rejects non-integer dtypes, more than one dimension, negative or
+    out-of-range indices, and duplicates.
+    """
+    try:
+        import torch
+
+        if isinstance(pages, torch.Tensor):
+            pages = pages.detach().cpu().numpy()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    arr = np.asarray(pages)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{what}: page indices must be integers, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{what}: page indices must be one-dimensional, got shape {arr.shape}")
+    arr = arr.astype(np.int64, copy=False)
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0:
+        raise ValueError(f"{what}: negative page index {low}")
+    if high >= num_pages:
+        raise ValueError(f"{what}: page index {high} out of range for a pool of {num_pages} pages")
+    if np.unique(arr).size != arr.size:
+        raise ValueError(f"{what}: duplicate page indices")
+    return arr
+
+
+def page_runs(src: IntArray, dst: IntArray) -> tuple[IntArray, IntArray, IntArray]:
+    """Maximal runs contiguous in both lists: (src starts, dst starts, lengths)."""
+    n = src.size
+    if n != dst.size:
+        raise ValueError(f"{n} source pages but {dst.size} destination pages")
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [n])))
+    return src[starts], dst[starts], lengths
+
+
+def run_descriptors(
+    bases: Sequence[int], page_bytes: int, starts: IntArray, lengths: IntArray, device: int = 0
+) -> DescArray:
+    """One descriptor per (layer, run): rows ordered layer-major."""
+    base = np.asarray(bases, dtype=np.uint64)[:, None]
+    addr = base + starts.astype(np.uint64)[None, :] * np.uint64(page_bytes)
+    length = np.broadcast_to(lengths.astype(np.uint64)[None, :] * np.uint64(page_bytes), addr.shape)
+    out = np.empty((addr.size, 3), dtype=np.uint64)
+    out[:, 0] = addr.ravel()
+    out[:, 1] = length.ravel()
+    out[:, 2] = device
+    return out

@@ -1,0 +1,159 @@
+"""The one place kvroom calls NIXL.
+
+:class:`NixlAgent` owns a ``nixl_agent`` with its progress thread off (an idle
+progress thread burns ~0.3 of a core; the manager's loop polls instead), so
+it must be used from one thread only: the manager's worker.  Transfers are
+wrapped in :class:`Transfer`, which is released exactly once and refuses any
+use after release (NIXL handles are freed memory after release).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvroom.errors import BootstrapError
+from kvroom.transport.descriptors import DescArray
+from kvroom.transport.layout import KVPool
+
+__all__ = ["NixlAgent", "Transfer", "unique_agent_name"]
+
+
+def unique_agent_name(role: str) -> str:
+    """A name unique to this process incarnation (NIXL refuses re-adding a name)."""
+    return f"kvroom-{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(eq=False)
+class Transfer:
+    """One posted WRITE: its handle, the room it serves, and its fate."""
+
+    room: int
+    peer: str
+    last: bool
+    handle: Any
+    released: bool = field(default=False)
+
+    def __repr__(self) -> str:
+        return f"<Transfer room={self.room} peer={self.peer} last={self.last} released={self.released}>"
+
+
+class NixlAgent:
+    """A NIXL agent with the memory of one :class:`KVPool` registered."""
+
+    def __init__(self, name: str, pool: KVPool, backends: tuple[str, ...] = ("UCX",)) -> None:
+        try:
+            from nixl._api import nixl_agent, nixl_agent_config
+
+            self._agent = nixl_agent(
+                name, nixl_agent_config(enable_prog_thread=False, backends=list(backends))
+            )
+        except ImportError as exc:
+            raise BootstrapError(f"NIXL is not installed ({exc}); pip install nixl") from exc
+        except Exception as exc:
+            raise BootstrapError(f"could not create NIXL agent {name}: {exc}") from exc
+        missing = [b for b in backends if b not in self._agent.backends]
+        if missing:
+            raise BootstrapError(
+                f"NIXL backend(s) {', '.join(missing)} unavailable (plugins: {self._agent.plugin_list}); "
+                "check the nixl install and NIXL_PLUGIN_DIR"
+            )
+        self.name = name
+        self.pool = pool
+        self._registered = [self._agent.register_memory(t) for t in pool.tensors()]
+        self.released = 0  # count of handles released, for tests
+
+    # -- metadata -------------------------------------------------------------
+
+    def metadata(self) -> bytes:
+        """This agent's metadata, for the peer's ``add_remote_agent``."""
+        data: bytes = self._agent.get_agent_metadata()
+        return data
+
+    def add_remote(self, metadata: bytes) -> str:
+        """Load a peer's metadata; returns its agent name."""
+        name = self._agent.add_remote_agent(metadata)
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def remove_remote(self, name: str) -> None:
+        """Forget a peer (needed after a disconnect before a new handshake)."""
+        try:
+            self._agent.remove_remote_agent(name)
+        except Exception as exc:  # already gone: nothing to forget
+            from kvroom.transport.faults import is_nixl_error
+
+            if not is_nixl_error(exc):
+                raise
+
+    # -- transfers ------------------------------------------------------------
+
+    def write(
+        self,
+        peer: str,
+        local: DescArray,
+        local_mem: str,
+        remote: DescArray,
+        remote_mem: str,
+        notif: bytes,
+        room: int,
+        last: bool,
+    ) -> tuple[Transfer, str]:
+        """Post a WRITE of ``local`` rows into ``remote`` rows; returns (transfer, state)."""
+        ldescs = self._agent.get_xfer_descs(np.ascontiguousarray(local), local_mem)
+        rdescs = self._agent.get_xfer_descs(np.ascontiguousarray(remote), remote_mem)
+        if ldescs is None or rdescs is None:  # NIXL logs and returns None on bad input
+            raise ValueError(f"room {room}: NIXL rejected the descriptor lists")
+        handle = self._agent.initialize_xfer("WRITE", ldescs, rdescs, peer, notif)
+        transfer = Transfer(room, peer, last, handle)
+        try:
+            state = self._agent.transfer(handle)
+        except BaseException:
+            self.release(transfer)
+            raise
+        return transfer, state
+
+    def state(self, transfer: Transfer) -> str:
+        """``"DONE"`` or ``"PROC"``; NIXL faults raise (see :mod:`.faults`)."""
+        if transfer.released:
+            raise RuntimeError(f"{transfer!r} used after release")
+        state: str = self._agent.check_xfer_state(transfer.handle)
+        if state == "ERR":
+            raise RuntimeError(f"NIXL reported ERR for {transfer!r}")
+        return state
+
+    def release(self, transfer: Transfer) -> None:
+        """Release the handle once; later calls do nothing."""
+        if transfer.released:
+            return
+        transfer.released = True
+        self.released += 1
+        try:
+            self._agent.release_xfer_handle(transfer.handle)
+        except Exception as exc:
+            from kvroom.transport.faults import is_nixl_error
+
+            if not is_nixl_error(exc):
+                raise
+
+    # -- notifications --------------------------------------------------------
+
+    def notifications(self) -> dict[str, list[bytes]]:
+        """Drain new notifications (one consumer: the manager's worker)."""
+        notifs: dict[str, list[bytes]] = self._agent.get_new_notifs()
+        return notifs
+
+    def notify(self, peer: str, message: bytes) -> None:
+        """A notification not bound to a transfer."""
+        self._agent.send_notif(peer, message)
+
+    def close(self) -> None:
+        """Deregister memory; the agent is freed with this object."""
+        for reg in self._registered:
+            with contextlib.suppress(Exception):
+                self._agent.deregister_memory(reg)
+        self._registered = []
