@@ -132,6 +132,16 @@ def test_clear_after_success_uses_the_same_cleanup_and_is_idempotent() -> None:
     assert len(obs.cleanups) == 1
 
 
+def test_a_room_with_nothing_to_copy_completes_on_its_end_marker() -> None:
+    table = RoomTable(Role.RECEIVER)
+    room = table.create(1, 0.0)  # every page was in decode's cached prefix
+    table.fire(room, Event.METADATA_SENT, 0.1)
+    table.fire(room, Event.CHUNK_ARRIVED, 0.2, chunks=0)
+    assert not table.fire(room, Event.COMPLETE, 0.3)  # the end has not arrived
+    table.fire(room, Event.CHUNK_ARRIVED, 0.4, chunks=0, aux=True)
+    assert table.fire(room, Event.COMPLETE, 0.5) and room.state is KVPoll.Success
+
+
 def test_clear_of_a_live_room_is_misuse() -> None:
     table = RoomTable(Role.SENDER)
     room = table.create(1, 0.0)

@@ -150,8 +150,12 @@ def all_dst_infos(room: Room) -> bool:
 
 
 def all_chunks_done(room: Room) -> bool:
-    """Every expected chunk is confirmed and the aux data arrived."""
-    return room.chunks_needed > 0 and room.chunks_done >= room.chunks_needed and room.aux_done
+    """Every expected chunk is confirmed and the end of the room (aux) arrived.
+
+    ``aux_done`` is only set by the chunk that ends the room, so a room whose
+    pages were all in decode's cached prefix (zero pages expected) completes on it.
+    """
+    return room.chunks_done >= room.chunks_needed and room.aux_done
 
 
 @dataclass(frozen=True)
