@@ -3,6 +3,8 @@
 Import what a scheduler needs from here; everything else is internal.
 """
 
+from typing import TYPE_CHECKING
+
 from kvroom.errors import (
     BackendError,
     BootstrapError,
@@ -19,6 +21,14 @@ from kvroom.errors import (
     TransportError,
 )
 from kvroom.fsm import Deadlines, Event, KVPoll, Role, RoomTable
+
+if TYPE_CHECKING:
+    from kvroom.audit import AuditObserver, json_lines_logger
+    from kvroom.config import ManagerConfig
+    from kvroom.manager import KVManager
+    from kvroom.receiver import KVReceiver
+    from kvroom.sender import KVSender
+    from kvroom.transport.layout import KVPool
 
 _LAZY = {
     "KVManager": "kvroom.manager",

@@ -200,7 +200,9 @@ class DecodeSide:
         now = self.m.clock()
         peer = self.peers.get(room.peer or "")
         if room.state is KVPoll.Bootstrapping or peer is None or peer.agent is None:
-            self.m.table.fire(room, event, now, reason=reason)
+            # nothing can land; still tell a connected prefill so it need not wait for a deadline
+            if self.m.table.fire(room, event, now, reason=reason) and peer is not None and peer.agent:
+                peer.client.send("abort", {"room": room.id, "reason": reason[:2000]})
             return
         if self.pending_failures.put(room, PendingFailure(event, reason, now)):
             peer.client.send("abort", {"room": room.id, "reason": reason[:2000]})

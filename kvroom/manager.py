@@ -118,13 +118,15 @@ class KVManager:
             raise KVRoomError(f"kvroom {self.role.value} manager is closed")
 
     def submit(self, command: Command) -> None:
-        """Run ``command`` on the worker thread, soon."""
+        """Run ``command`` on the worker thread, soon (raises if the worker died)."""
         self.check_alive()
+        self.enqueue(command)
+
+    def enqueue(self, command: Command) -> None:
+        """Queue ``command`` for the worker without checking it is alive (internal hooks)."""
         self._commands.append(command)
-        try:
+        with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
             os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full of wake-ups already
 
     def create_room(self, room_id: int, peer: str | None) -> Room:
         """Create a room in Bootstrapping (DuplicateRoomError for a live id)."""

@@ -180,7 +180,7 @@ class PrefillSide:
         transfers = list(self.handles.get(record.room) or ())
         peer = record.peer
         reason = record.reason or "failed on prefill"
-        self.m.submit(lambda: self._after_failure(record.room, peer, reason, transfers, record.event))
+        self.m.enqueue(lambda: self._after_failure(record.room, peer, reason, transfers, record.event))
 
     def _after_failure(
         self, room_id: int, peer: str | None, reason: str, transfers: list[Transfer], event: Event

@@ -85,13 +85,19 @@ class KVSender:
         self.manager.submit(lambda: self._side.post_chunk(room, pages, offset, seq, last))
 
     def poll(self) -> KVPoll:
-        """The room's state; never raises transport errors."""
+        """The room's state; never raises transport errors.
+
+        Read under the room's lock: a Failed room is only ever seen clean.
+        """
         self.manager.check_alive()
-        return self.room.state
+        with self.room.lock:
+            return self.room.state
 
     def failure_exception(self) -> BaseException:
         """Raise the cause of a Failed room (its state is already clean)."""
-        raise self.manager.table.failure_exception(self.room)
+        with self.room.lock:
+            error = self.manager.table.failure_exception(self.room)
+        raise error
 
     def abort(self, reason: str = "aborted by prefill scheduler") -> None:
         """Fail the room now; decode is told once nothing is in flight."""

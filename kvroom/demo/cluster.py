@@ -8,13 +8,14 @@ threads), die with their parent (``PR_SET_PDEATHSIG``), and are killed by
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from kvroom.demo.nodes import NodeOptions, RoomResult, decode_main, prefill_main
@@ -53,10 +54,8 @@ class Node:
 
     def send(self, kind: str, arg: Any = None) -> None:
         """Send a command; a dead node is ignored."""
-        try:
+        with contextlib.suppress(OSError):  # a dead node is ignored
             self.conn.send((kind, arg))
-        except (BrokenPipeError, OSError):
-            pass
 
     def alive(self) -> bool:
         """True while the process runs."""

@@ -175,6 +175,7 @@ class _Loop:
         self.slots = list(range(opts.aux_slots))
         self.stopping = False
         self.unexpected: list[str] = []  # exceptions that escaped send()/poll()
+        self.abort_requested: set[int] = set()
 
     def run(self) -> None:
         while not (self.stopping and not self.live and not self.queue):
@@ -186,6 +187,8 @@ class _Loop:
                     entry = self.live.get(arg)
                     if entry is not None:
                         entry["handle"].abort()
+                    else:  # not admitted yet: abort it as soon as it is
+                        self.abort_requested.add(arg)
                 elif kind == "stop":
                     self.stopping = True
                     self.queue.clear()

@@ -28,4 +28,5 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chaos", action="store_true", help="inject faults: kills, restarts, stops, aborts")
     p.add_argument("--audit-log", help="where to write the JSON-lines audit log")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument("--port", type=int, default=0, help="prefill bootstrap port (default: a free one)")
     p.add_argument("--timeout", type=float, default=240.0, help="give up after this many seconds")

@@ -66,7 +66,8 @@ class NixlAgent:
         self.name = name
         self.pool = pool
         self._registered = [self._agent.register_memory(t) for t in pool.tensors()]
-        self.released = 0  # count of handles released, for tests
+        self.posted = 0  # handles created, for tests and operators
+        self.released = 0  # handles released; equals posted once idle
 
     # -- metadata -------------------------------------------------------------
 
@@ -109,6 +110,7 @@ class NixlAgent:
         if ldescs is None or rdescs is None:  # NIXL logs and returns None on bad input
             raise ValueError(f"room {room}: NIXL rejected the descriptor lists")
         handle = self._agent.initialize_xfer("WRITE", ldescs, rdescs, peer, notif)
+        self.posted += 1
         transfer = Transfer(room, peer, last, handle)
         try:
             state = self._agent.transfer(handle)

@@ -1,0 +1,257 @@
+"""The scheduler API with both managers in one process (real NIXL, real ZMQ)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from kvroom import (
+    BootstrapError,
+    DuplicateRoomError,
+    IncompatiblePeerError,
+    KVManager,
+    KVPoll,
+    KVPool,
+    KVReceiver,
+    KVSender,
+    ManagerConfig,
+    PeerLostError,
+    RemoteFailureError,
+    RoomAbortedError,
+    RoomStateError,
+)
+from kvroom.fsm import Deadlines
+
+FAST = ManagerConfig(heartbeat_interval=0.1, heartbeat_timeout=1.0, deadlines=Deadlines(5.0, 10.0, 5.0))
+
+
+def make_pool(pages: int = 64, dtype: torch.dtype = torch.uint8, layers: int = 2) -> KVPool:
+    return KVPool(
+        [torch.zeros(pages, 256, dtype=dtype) for _ in range(layers)], torch.zeros(8, 16, dtype=torch.uint8)
+    )
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[KVManager, KVManager]]:
+    prefill = KVManager("prefill", make_pool(), config=FAST, audit=False)
+    decode = KVManager("decode", make_pool(), config=FAST, audit=False)
+    yield prefill, decode
+    prefill.close()
+    decode.close()
+
+
+def wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def ready_pair(p: KVManager, d: KVManager, room: int, pages: int = 4) -> tuple[KVSender, KVReceiver]:
+    rx = KVReceiver(d, p.bootstrap_addr, room)
+    rx.init()
+    tx = KVSender(p, p.bootstrap_addr, room)
+    rx.send_metadata(np.arange(pages) + 10, aux_index=1)
+    assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
+    tx.init(pages, aux_index=2)
+    return tx, rx
+
+
+def test_transfer_moves_bytes_and_releases_every_handle_once(pair: tuple[KVManager, KVManager]) -> None:
+    p, d = pair
+    for layer in p.pool.layers:
+        layer.copy_(torch.randint(0, 255, layer.shape, dtype=torch.uint8))
+    p.pool.aux[2] = 7
+    tx, rx = ready_pair(p, d, 1, pages=6)
+    tx.send([0, 1, 2])
+    tx.send([5, 4, 3])
+    assert wait(lambda: rx.poll() is KVPoll.Success and tx.poll() is KVPoll.Success)
+    for src, dst in zip(p.pool.layers, d.pool.layers, strict=True):
+        assert torch.equal(dst[10:16], src[[0, 1, 2, 5, 4, 3]])
+    assert torch.equal(d.pool.aux[1], p.pool.aux[2])
+    assert wait(lambda: p.snapshot()["in_flight"] == 0)
+    assert p.agent.released == p.agent.posted > 0
+    tx.clear()
+    rx.clear()
+    rx.clear()  # idempotent
+    assert p.footprint(1) == d.footprint(1) == frozenset()
+    assert rx.poll() is KVPoll.Success  # poll after clear keeps answering
+
+
+def test_duplicate_room_is_rejected_and_the_existing_room_untouched(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    p, d = pair
+    tx, rx = ready_pair(p, d, 2)
+    with pytest.raises(DuplicateRoomError, match="room 2"):
+        KVSender(p, p.bootstrap_addr, 2)
+    with pytest.raises(DuplicateRoomError, match="room 2"):
+        KVReceiver(d, p.bootstrap_addr, 2)
+    tx.send([0, 1, 2, 3])
+    assert wait(lambda: rx.poll() is KVPoll.Success)
+
+
+def test_send_misuse_raises_precise_errors(pair: tuple[KVManager, KVManager]) -> None:
+    p, d = pair
+    early = KVSender(p, p.bootstrap_addr, 3)
+    with pytest.raises(RoomStateError, match=r"room 3 \(sender\): event 'send' .*Bootstrapping: call init"):
+        early.send([0])
+    early.init(2)
+    with pytest.raises(RoomStateError, match="event 'send' is not allowed in state Bootstrapping"):
+        early.send([0])
+    with pytest.raises(RoomStateError, match="init\\(\\) was already called"):
+        early.init(2)
+    tx, _ = ready_pair(p, d, 4, pages=2)
+    with pytest.raises(ValueError, match="exceed init"):
+        tx.send([0, 1, 2])
+    with pytest.raises(ValueError, match="out of range"):
+        tx.send([64])
+    with pytest.raises(ValueError, match="negative"):
+        tx.send([-1])
+    with pytest.raises(ValueError, match="duplicate"):
+        tx.send([1, 1])
+    with pytest.raises(TypeError, match="integers"):
+        tx.send(np.array([0.5]))
+    tx.send([0, 1])
+    assert wait(lambda: tx.poll() is KVPoll.Success)
+    with pytest.raises(RoomStateError, match="not allowed in state Success"):
+        tx.send([])
+
+
+def test_receiver_misuse_raises_precise_errors(pair: tuple[KVManager, KVManager]) -> None:
+    p, d = pair
+    rx = KVReceiver(d, p.bootstrap_addr, 5)
+    with pytest.raises(ValueError, match="aux_index 99 out of range"):
+        rx.send_metadata([0], aux_index=99)
+    with pytest.raises(ValueError, match="decode_prefix_len"):
+        rx.send_metadata([0], decode_prefix_len=-1)
+    rx.send_metadata([0, 1])
+    with pytest.raises(RoomStateError, match="metadata already sent"):
+        rx.send_metadata([2, 3])
+    with pytest.raises(ValueError, match="host:port"):
+        KVReceiver(d, "nowhere", 6)
+    with pytest.raises(ValueError, match="prefill"):
+        KVSender(d, None, 7)
+
+
+def test_sending_on_a_failed_room_is_silent(pair: tuple[KVManager, KVManager]) -> None:
+    p, d = pair
+    tx, rx = ready_pair(p, d, 8)
+    tx.abort()
+    assert tx.poll() is KVPoll.Failed
+    tx.send([0, 1])  # the scheduler may race with a failure: no exception
+    with pytest.raises(RoomAbortedError):
+        tx.failure_exception()
+    assert p.footprint(8) == frozenset()
+    assert wait(lambda: rx.poll() is KVPoll.Failed)
+    with pytest.raises(RemoteFailureError, match="prefill failed the room"):
+        rx.failure_exception()
+    assert d.footprint(8) == frozenset()
+
+
+def test_decode_abort_before_metadata_fails_at_once(pair: tuple[KVManager, KVManager]) -> None:
+    p, d = pair
+    rx = KVReceiver(d, p.bootstrap_addr, 9)
+    rx.abort()
+    assert wait(lambda: rx.poll() is KVPoll.Failed, 2)
+    with pytest.raises(RoomAbortedError):
+        rx.failure_exception()
+
+
+def test_decode_abort_waits_for_prefill_confirmation(pair: tuple[KVManager, KVManager]) -> None:
+    p, d = pair
+    tx, rx = ready_pair(p, d, 10)
+    rx.abort("user cancelled")
+    assert wait(lambda: rx.poll() is KVPoll.Failed)
+    assert tx.poll() is KVPoll.Failed  # prefill failed it before confirming
+    with pytest.raises(RoomAbortedError, match="user cancelled"):
+        rx.failure_exception()
+    with pytest.raises(RemoteFailureError, match="aborted by decode: user cancelled"):
+        tx.failure_exception()
+
+
+def test_late_duplicate_and_unknown_messages_create_no_state(pair: tuple[KVManager, KVManager]) -> None:
+    p, d = pair
+    tx, rx = ready_pair(p, d, 11, pages=2)
+    tx.send([0, 1])
+    assert wait(lambda: rx.poll() is KVPoll.Success)
+    tx.clear()
+    rx.clear()
+    peer = d.side.peers[p.bootstrap_addr]
+
+    def forge() -> None:
+        peer.client.send("room", {"room": 11, "aux_index": None, "prefix_pages": 0, "npages": 1}, b"\0" * 8)
+        peer.client.send("abort", {"room": 999, "reason": "x"})
+        d.agent.notify(d.agent_name, b"kvr1:11:0:1:1")  # a stray notification to ourselves
+
+    d.submit(forge)
+    time.sleep(0.3)
+    assert len(p.table) == 0 and len(d.table) == 0
+    assert p.footprint(11) == d.footprint(11) == p.footprint(999) == frozenset()
+    assert tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success
+
+
+def test_a_bootstrap_address_that_does_not_answer_fails_the_room(pair: tuple[KVManager, KVManager]) -> None:
+    _, d = pair
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rx = KVReceiver(d, f"127.0.0.1:{port}", 12)
+    rx.init()
+    rx.send_metadata([0])
+    assert wait(lambda: rx.poll() is KVPoll.Failed, 4)
+    with pytest.raises(PeerLostError, match="did not answer"):
+        rx.failure_exception()
+    assert d.footprint(12) == frozenset()
+
+
+def test_port_in_use_is_a_clear_bootstrap_error(pair: tuple[KVManager, KVManager]) -> None:
+    p, _ = pair
+    port = int(p.bootstrap_addr.rsplit(":", 1)[1])
+    with pytest.raises(BootstrapError, match=rf"cannot listen on 127\.0\.0\.1:{port}.*choose another port"):
+        KVManager("prefill", make_pool(), bootstrap_port=port, audit=False)
+
+
+def test_incompatible_layouts_are_refused_before_any_room(pair: tuple[KVManager, KVManager]) -> None:
+    p, _ = pair
+    odd = KVManager("decode", make_pool(dtype=torch.float16), config=FAST, audit=False)
+    try:
+        rx = KVReceiver(odd, p.bootstrap_addr, 13)
+        rx.init()
+        rx.send_metadata([0])
+        assert wait(lambda: rx.poll() is KVPoll.Failed)
+        with pytest.raises(IncompatiblePeerError, match=r"page_bytes: ours 256, theirs 512.*dtype"):
+            rx.failure_exception()
+        assert p.snapshot()["peers"] == [] and len(p.table) == 0
+    finally:
+        odd.close()
+
+
+def test_a_worker_bug_is_not_swallowed(pair: tuple[KVManager, KVManager]) -> None:
+    p, _ = pair
+    tx = KVSender(p, p.bootstrap_addr, 14)
+
+    def bug() -> None:
+        raise ZeroDivisionError("a bug in the worker")
+
+    p.submit(bug)
+    assert wait(lambda: tx.room.state is KVPoll.Failed)
+    with pytest.raises(RuntimeError, match="worker crashed") as info:
+        tx.poll()
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert p.footprint(14) == frozenset()
+
+
+def test_operator_snapshot_counts_rooms_per_state(pair: tuple[KVManager, KVManager]) -> None:
+    p, _ = pair
+    KVSender(p, p.bootstrap_addr, 15)
+    snap = p.snapshot()
+    assert snap["rooms"]["Bootstrapping"] == 1 and snap["role"] == "sender"
+    assert snap["bootstrap_addr"] == p.bootstrap_addr

@@ -1,0 +1,53 @@
+"""Descriptor building: runs, layer-major rows, and page validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvroom.transport.descriptors import page_runs, run_descriptors, validate_pages
+
+
+def test_runs_break_where_either_side_breaks() -> None:
+    src = np.array([0, 1, 2, 5, 6, 7, 8])
+    dst = np.array([10, 11, 20, 21, 22, 23, 30])
+    s, d, n = page_runs(src, dst)
+    assert s.tolist() == [0, 2, 5, 8] and d.tolist() == [10, 20, 21, 30] and n.tolist() == [2, 1, 3, 1]
+
+
+def test_rows_are_layer_major_with_addresses_and_lengths() -> None:
+    rows = run_descriptors([1000, 5000], 10, np.array([0, 3]), np.array([2, 1]), device=0)
+    assert rows.tolist() == [[1000, 20, 0], [1030, 10, 0], [5000, 20, 0], [5030, 10, 0]]
+
+
+@given(st.lists(st.integers(0, 200), unique=True, max_size=60), st.randoms())
+def test_runs_cover_exactly_the_page_pairs(pages: list[int], rnd: object) -> None:
+    src = np.array(pages, dtype=np.int64)
+    dst = np.array(sorted(pages), dtype=np.int64)
+    s, d, n = page_runs(src, dst)
+    rebuilt = [(int(a) + k, int(b) + k) for a, b, m in zip(s, d, n, strict=True) for k in range(int(m))]
+    assert rebuilt == list(zip(src.tolist(), dst.tolist(), strict=True))
+
+
+@pytest.mark.parametrize(
+    ("pages", "error", "match"),
+    [
+        ([0, -1], ValueError, "negative page index -1"),
+        ([0, 64], ValueError, "page index 64 out of range"),
+        ([3, 3], ValueError, "duplicate page indices"),
+        ([[1, 2]], ValueError, "one-dimensional"),
+        ([1.0, 2.0], TypeError, "must be integers"),
+        (torch.tensor([1.5]), TypeError, "must be integers"),
+    ],
+)
+def test_bad_page_indices_are_named(pages: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        validate_pages(pages, 64, "room 1")
+
+
+def test_valid_pages_from_torch_and_lists() -> None:
+    assert validate_pages(torch.tensor([3, 1]), 64, "r").tolist() == [3, 1]
+    assert validate_pages([], 64, "r").size == 0
