@@ -58,6 +58,7 @@ class NodeOptions:
     heartbeat: tuple[float, float] = (0.25, 3.0)
     name: str = "node"
     env: dict[str, str] = field(default_factory=dict)
+    stderr_path: str | None = None  # where the node's stderr (NIXL's own logs) goes
 
 
 @dataclass
@@ -134,6 +135,10 @@ def _result(
 def _node(role: str, conn: Connection, opts: NodeOptions) -> None:
     die_with_parent()
     os.environ.update(opts.env)
+    if opts.stderr_path:
+        fd = os.open(opts.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+        os.close(fd)
     try:
         manager = _make_manager(role, opts)
     except Exception as exc:

@@ -45,6 +45,7 @@ def _options(args: argparse.Namespace, audit_log: str) -> NodeOptions:
         port=args.port,
         deadlines=(4.0, 60.0, 2.0) if chaos else (30.0, 120.0, 30.0),
         heartbeat=(0.25, 3.0),
+        stderr_path=audit_log + ".stderr",
     )
 
 
@@ -277,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     print(f"kvroom demo: {args.requests} requests, {args.decodes} decode processes, audit log {audit_log}")
+    print(f"  (NIXL and process logs: {audit_log}.stderr)")
     demo = Demo(args, audit_log)
     try:
         return demo.run()

@@ -129,17 +129,6 @@ class Deadlines:
         return None
 
 
-class _NullObserver:
-    def on_transition(self, record: TransitionRecord) -> None:
-        pass
-
-    def on_cleanup(self, record: CleanupRecord) -> None:
-        pass
-
-    def on_ignored(self, record: IgnoredRecord) -> None:
-        pass
-
-
 class RoomTable:
     """All rooms of one role in one process, their stores, and their deadlines.
 
@@ -157,7 +146,8 @@ class RoomTable:
     ) -> None:
         self.role = role
         self.deadlines = deadlines or Deadlines()
-        self._observer: Observer = observer or _NullObserver()
+        # None when nobody listens: no record is even built on the hot path
+        self._observer: Observer | None = observer
         self._rules, self._enter = _COMPILED[role]
         self._state_deadline = [self.deadlines.for_state(s) for s in KVPoll]
         self._rooms: dict[int, Room] = {}
@@ -267,7 +257,8 @@ class RoomTable:
         """Like :meth:`fire` for a room known only by id; unknown ids are ignored."""
         room = self._rooms.get(room_id)
         if room is None:
-            self._observer.on_ignored(IgnoredRecord(room_id, self.role, None, event, now))
+            if self._observer is not None:
+                self._observer.on_ignored(IgnoredRecord(room_id, self.role, None, event, now))
             return False
         return self.fire(room, event, now, **kw)
 
@@ -279,7 +270,8 @@ class RoomTable:
         if rules is None:
             if ORIGIN[event] is Origin.API and src is not KVPoll.Failed:
                 raise RoomStateError(room.id, self.role.value, src.name, event.value)
-            self._observer.on_ignored(IgnoredRecord(room.id, self.role, src, event, now))
+            if self._observer is not None:
+                self._observer.on_ignored(IgnoredRecord(room.id, self.role, src, event, now))
             return False
         for rule in rules:
             if rule.guard is None or rule.guard(room):
@@ -288,10 +280,12 @@ class RoomTable:
             return False
         dest = rule.dest
         room.last = now
+        observer = self._observer
         if dest is None:
-            self._observer.on_transition(
-                TransitionRecord(room.id, self.role, room.peer, src, src, event, reason, now)
-            )
+            if observer is not None:
+                observer.on_transition(
+                    TransitionRecord(room.id, self.role, room.peer, src, src, event, reason, now)
+                )
             for hook in rule.after:
                 hook(room)
             return True
@@ -302,9 +296,10 @@ class RoomTable:
         room.state = dest
         room.since = now
         self._arm_deadline(room, dest, now)
-        self._observer.on_transition(
-            TransitionRecord(room.id, self.role, room.peer, src, dest, event, reason, now)
-        )
+        if observer is not None:
+            observer.on_transition(
+                TransitionRecord(room.id, self.role, room.peer, src, dest, event, reason, now)
+            )
         for hook in self._enter[dest]:
             hook(room)
         for hook in rule.after:
@@ -339,7 +334,8 @@ class RoomTable:
         if self._rooms.get(room.id) is room:
             del self._rooms[room.id]
             held.insert(0, "request_status")
-        self._observer.on_cleanup(CleanupRecord(room.id, self.role, room.state, tuple(held), room.last))
+        if self._observer is not None:
+            self._observer.on_cleanup(CleanupRecord(room.id, self.role, room.state, tuple(held), room.last))
 
     # -- deadlines --------------------------------------------------------------
 

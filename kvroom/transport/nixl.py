@@ -56,7 +56,9 @@ class NixlAgent:
         except ImportError as exc:
             raise BootstrapError(f"NIXL is not installed ({exc}); pip install nixl") from exc
         except Exception as exc:
-            raise BootstrapError(f"could not create NIXL agent {name}: {exc}") from exc
+            raise BootstrapError(
+                f"could not create NIXL agent {name}: {exc}; check the nixl install and NIXL_PLUGIN_DIR"
+            ) from exc
         missing = [b for b in backends if b not in self._agent.backends]
         if missing:
             raise BootstrapError(
