@@ -6,7 +6,8 @@ from typing import Any
 
 from kvroom.decode import DecodeSide, ReceivePlan
 from kvroom.errors import RoomStateError
-from kvroom.fsm import Event, KVPoll, Role
+from kvroom.fsm import KVPoll, Role
+from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
 from kvroom.transport.control import parse_address
 from kvroom.transport.descriptors import validate_pages
@@ -14,7 +15,7 @@ from kvroom.transport.descriptors import validate_pages
 __all__ = ["KVReceiver"]
 
 
-class KVReceiver:
+class KVReceiver(RoomHandle):
     """Receives one request's KV pages from prefill (method names follow SGLang).
 
     Creating it creates the room (Bootstrapping); ``init()`` starts the
@@ -32,11 +33,6 @@ class KVReceiver:
         self.room = manager.create_room(bootstrap_room, peer=bootstrap_addr)
         self._side: DecodeSide = manager.side
         self._started = False
-
-    @property
-    def bootstrap_room(self) -> int:
-        """The room id."""
-        return self.room.id
 
     def init(self) -> None:
         """Start bootstrapping: connect to and greet the prefill peer."""
@@ -73,28 +69,7 @@ class KVReceiver:
         self._started = True
         self.manager.submit(lambda: self._side.send_room(room))
 
-    def poll(self) -> KVPoll:
-        """The room's state; never raises transport errors.
-
-        Read under the room's lock: a Failed room is only ever seen clean.
-        """
-        self.manager.check_alive()
-        with self.room.lock:
-            return self.room.state
-
-    def failure_exception(self) -> BaseException:
-        """Raise the cause of a Failed room (its state is already clean)."""
-        with self.room.lock:
-            error = self.manager.table.failure_exception(self.room)
-        raise error
-
     def abort(self, reason: str = "aborted by decode scheduler") -> None:
         """Fail the room; once metadata was sent, only after prefill confirms."""
         room = self.room
         self.manager.submit(lambda: self._side.abort(room, reason))
-
-    def clear(self) -> None:
-        """Drop a finished room's state (Success); Failed rooms are already clean."""
-        if self.room.state is KVPoll.Failed:
-            return
-        self.manager.fire(self.room, Event.CLEAR)

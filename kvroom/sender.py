@@ -6,6 +6,7 @@ from typing import Any
 
 from kvroom.errors import RoomStateError
 from kvroom.fsm import Event, KVPoll, Role
+from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
 from kvroom.prefill import PrefillSide, SendPlan
 from kvroom.transport.descriptors import validate_pages
@@ -13,7 +14,7 @@ from kvroom.transport.descriptors import validate_pages
 __all__ = ["KVSender"]
 
 
-class KVSender:
+class KVSender(RoomHandle):
     """Sends one request's KV pages to decode (method names follow SGLang).
 
     Creating it creates the room (Bootstrapping); it becomes WaitingForInput
@@ -31,11 +32,6 @@ class KVSender:
         self._side: PrefillSide = manager.side
         room = self.room
         manager.submit(lambda: self._side.adopt_pending(room))
-
-    @property
-    def bootstrap_room(self) -> int:
-        """The room id."""
-        return self.room.id
 
     def init(self, num_pages: int, aux_index: int | None = None) -> None:
         """Declare the request's page count and aux slot (before the first send)."""
@@ -62,6 +58,10 @@ class KVSender:
         room it does nothing.
         """
         self.manager.check_alive()
+        if state_indices is not None:
+            raise NotImplementedError(
+                "state_indices (recurrent-state caches) are not supported by kvroom yet"
+            )
         room = self.room
         plan = self._side.send_plans.get(room.id)
         if plan is None:
@@ -84,27 +84,6 @@ class KVSender:
             last = plan.sent_pages == plan.num_pages
         self.manager.submit(lambda: self._side.post_chunk(room, pages, offset, seq, last))
 
-    def poll(self) -> KVPoll:
-        """The room's state; never raises transport errors.
-
-        Read under the room's lock: a Failed room is only ever seen clean.
-        """
-        self.manager.check_alive()
-        with self.room.lock:
-            return self.room.state
-
-    def failure_exception(self) -> BaseException:
-        """Raise the cause of a Failed room (its state is already clean)."""
-        with self.room.lock:
-            error = self.manager.table.failure_exception(self.room)
-        raise error
-
     def abort(self, reason: str = "aborted by prefill scheduler") -> None:
         """Fail the room now; decode is told once nothing is in flight."""
         self.manager.fire(self.room, Event.ABORT, reason=reason)
-
-    def clear(self) -> None:
-        """Drop a finished room's state (Success); Failed rooms are already clean."""
-        if self.room.state is KVPoll.Failed:
-            return
-        self.manager.fire(self.room, Event.CLEAR)

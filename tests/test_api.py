@@ -119,6 +119,8 @@ def test_send_misuse_raises_precise_errors(pair: tuple[KVManager, KVManager]) ->
         tx.send([1, 1])
     with pytest.raises(TypeError, match="integers"):
         tx.send(np.array([0.5]))
+    with pytest.raises(NotImplementedError, match="state_indices"):
+        tx.send([0, 1], state_indices=[0])
     tx.send([0, 1])
     assert wait(lambda: tx.poll() is KVPoll.Success)
     with pytest.raises(RoomStateError, match="not allowed in state Success"):

@@ -125,9 +125,14 @@ def test_stopped_decode_is_failed_by_deadlines(make_cluster: Callable[..., Clust
     assert_clean(cluster)
 
 
-def test_aborts_from_either_side_reach_the_other(make_cluster: Callable[..., Cluster]) -> None:
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_aborts_from_either_side_reach_the_other(
+    make_cluster: Callable[..., Cluster], transport: str
+) -> None:
     # many small chunks make rooms slow enough to abort mid-transfer
-    cluster = make_cluster(pool_pages=4096, chunk_pages=2, concurrency=48, deadlines=(5.0, 30.0, 10.0))
+    cluster = make_cluster(
+        pool_pages=4096, chunk_pages=2, concurrency=48, deadlines=(5.0, 30.0, 10.0), env=TRANSPORTS[transport]
+    )
     cluster.start_prefill()
     decode = cluster.start_decode(0)
     cluster.submit(make_rooms(1, 1, 2, 2, seed=1, first_room=1))  # warm up: handshake done
@@ -155,8 +160,9 @@ def test_aborts_from_either_side_reach_the_other(make_cluster: Callable[..., Clu
     assert_clean(cluster)
 
 
-def test_restarted_decode_is_served_again(make_cluster: Callable[..., Cluster]) -> None:
-    cluster = make_cluster(heartbeat=(0.25, 1.5), deadlines=(3.0, 20.0, 5.0))
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+def test_restarted_decode_is_served_again(make_cluster: Callable[..., Cluster], transport: str) -> None:
+    cluster = make_cluster(heartbeat=(0.25, 1.5), deadlines=(3.0, 20.0, 5.0), env=TRANSPORTS[transport])
     prefill = cluster.start_prefill()
     first = cluster.start_decode(0)
     cluster.submit(make_rooms(20, 1, 4, 16, seed=6, first_room=1))
