@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import zmq
 
 from kvroom.errors import IncompatiblePeerError, PeerLostError, ProtocolError, RemoteFailureError
@@ -37,7 +36,6 @@ class PrefillPeer:
 
     address: str
     client: ControlClient
-    since: float
     last_heard: float
     last_ping: float = 0.0
     agent: str | None = None  # set by welcome
@@ -156,7 +154,7 @@ class DecodeSide:
                 room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address: {exc}")
             )
             return
-        peer = PrefillPeer(address, client, since=now, last_heard=now)
+        peer = PrefillPeer(address, client, last_heard=now)
         self.peers[address] = peer
         pool = self.m.pool
         fields = {
@@ -310,8 +308,3 @@ class DecodeSide:
     def peer_lost(self, peer: PrefillPeer, error: PeerLostError, now: float) -> None:
         """Fail every room bound to ``peer``; a later room re-handshakes."""
         self._drop_peer(peer, error, Event.PEER_LOST, now)
-
-
-def as_pages(pages: Any) -> IntArray:
-    """Page indices as a fresh int64 array."""
-    return np.asarray(pages, dtype=np.int64).copy()

@@ -16,7 +16,7 @@ Three things deliberately outlive a room, each bounded:
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -84,8 +84,6 @@ class SendPlan:
     aux_index: int | None
     sent_pages: int = 0
     seq: int = 0
-    posted: int = 0
-    chunks: list[IntArray] = field(default_factory=list)
 
 
 class PrefillSide:

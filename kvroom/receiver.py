@@ -63,9 +63,9 @@ class KVReceiver(RoomHandle):
         with room.lock:
             room.chunks_needed = int(pages.size)
         plan = ReceivePlan(pages, aux_index, decode_prefix_len // page_size)
-        if not self.manager.table.put_all([(self._side.plans, plan)], room):
+        table = self.manager.table
+        if not table.put_all([(self._side.plans, plan), (table.decode_prefix_lens, decode_prefix_len)], room):
             return
-        self.manager.table.decode_prefix_lens.put(room, decode_prefix_len)
         self._started = True
         self.manager.submit(lambda: self._side.send_room(room))
 

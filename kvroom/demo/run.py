@@ -16,20 +16,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 from kvroom.demo.cluster import Cluster, Node, NodeError
 from kvroom.demo.nodes import NodeOptions, RoomResult
 from kvroom.demo.workload import RoomSpec, make_rooms
 
 __all__ = ["run"]
-
-
-@dataclass
-class Plan:
-    """Chaos steps, each fired once when this fraction of rooms is done."""
-
-    steps: list[tuple[float, str]] = field(default_factory=list)
 
 
 def _options(args: argparse.Namespace, audit_log: str) -> NodeOptions:
