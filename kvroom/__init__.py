@@ -17,6 +17,7 @@ from kvroom.errors import (
     RemoteFailureError,
     RoomAbortedError,
     RoomStateError,
+    StagingExhaustedError,
     TransferCancelledError,
     TransportError,
 )
@@ -77,4 +78,5 @@ __all__ = [
     "ProtocolError",
     "IncompatiblePeerError",
     "BootstrapError",
+    "StagingExhaustedError",
 ]

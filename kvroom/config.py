@@ -25,6 +25,10 @@ class ManagerConfig:
     pending_ttl: float = 120.0
     backends: tuple[str, ...] = ("UCX",)
     host: str = "127.0.0.1"
+    # "auto": direct WRITEs where head slices line up (equal TP), else via the staging ring;
+    # "direct": never stage (per-token descriptors where slices interleave); "staging": always stage
+    transfer_mode: str = "auto"
+    staging_chunk_pages: int = 16  # pages per staging reservation
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
@@ -33,3 +37,9 @@ class ManagerConfig:
             raise ValueError("max_message_bytes must be at least 4096")
         if self.pending_limit <= 0 or self.pending_ttl <= 0:
             raise ValueError("pending_limit and pending_ttl must be positive")
+        if self.transfer_mode not in ("auto", "direct", "staging"):
+            raise ValueError(
+                f"transfer_mode must be 'auto', 'direct' or 'staging', got {self.transfer_mode!r}"
+            )
+        if self.staging_chunk_pages <= 0:
+            raise ValueError("staging_chunk_pages must be positive")

@@ -1,28 +1,44 @@
 """The decode (receiver) side of a manager: handshakes, page lists, arrivals.
 
+A room is bound to every prefill tensor-parallel rank (one bootstrap address
+each, in rank order).  Ranks holding heads we hold are its *sources* and write
+into our pages (or into the staging ring, then scattered here); the others
+only watch, so that a failure on any rank of either side reaches every rank.
+
 A decode room may only become Failed once no WRITE for it can still land in
 its pages, so the scheduler can reuse them at once.  Before its page list has
-been sent that is always true.  After it, a local abort or deadline first asks
-prefill to abort the room and waits for prefill's ``failed`` notice (sent only
-when nothing is in flight), or for the prefill peer to be declared lost.
+been sent that is always true.  After it, a local abort or deadline, or a
+failure reported by one source, first asks every prefill rank to abort the
+room and waits for each remaining source's ``failed`` notice (sent only when
+nothing is in flight), or for that source to be declared lost.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 import zmq
 
-from kvroom.errors import IncompatiblePeerError, PeerLostError, ProtocolError, RemoteFailureError
+from kvroom.errors import (
+    IncompatiblePeerError,
+    PeerLostError,
+    ProtocolError,
+    RemoteFailureError,
+    StagingExhaustedError,
+)
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
-from kvroom.prefill import parse_notif
+from kvroom.prefill import Notif, parse_notif
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlClient
 from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify
-from kvroom.transport.layout import KVLayout
+from kvroom.transport.layout import KVLayout, head_overlap
+from kvroom.transport.staging import Reservation, StagingStore, scatter_chunk
 
 if TYPE_CHECKING:
     from kvroom.manager import KVManager
@@ -39,26 +55,42 @@ class PrefillPeer:
     last_heard: float
     last_ping: float = 0.0
     agent: str | None = None  # set by welcome
+    layout: KVLayout | None = None  # set by welcome
     queued: list[int] = field(default_factory=list)  # rooms waiting for the handshake
 
 
 @dataclass
+class Source:
+    """One prefill rank's share of a decode room."""
+
+    heads: tuple[int, int] | None  # global heads it writes here; None: it only watches
+    src_heads: tuple[int, int]  # the heads that rank holds
+    staged: bool
+    seen: set[int] = field(default_factory=set)  # notification sequence numbers arrived
+    chunk_got: dict[int, int] = field(default_factory=dict)  # staged pages arrived per chunk
+    finished: bool = False
+
+
+@dataclass
 class ReceivePlan:
-    """What this room asked for: its pages, aux slot and prefix."""
+    """What this room asked for: its pages, aux slot and prefix; per-rank progress."""
 
     pages: IntArray
     aux_index: int | None
     prefix_pages: int
-    seen: set[int] = field(default_factory=set)  # chunk sequence numbers arrived
+    sources: dict[str, Source] = field(default_factory=dict)  # filled when the page list is sent
+    sent: bool = False
 
 
 @dataclass(frozen=True)
 class PendingFailure:
-    """A local failure waiting for prefill to confirm nothing is in flight."""
+    """A failure waiting for the sources in ``waiting`` to confirm nothing is in flight."""
 
     event: Event
     reason: str
     since: float
+    waiting: frozenset[str]
+    error: BaseException | None = None
 
 
 class DecodeSide:
@@ -69,9 +101,19 @@ class DecodeSide:
         table = manager.table
         self.plans: RoomStore[ReceivePlan] = table.register_store(RoomStore("receive_plans"))
         self.pending_failures: RoomStore[PendingFailure] = table.register_store(RoomStore("pending_failures"))
+        assert isinstance(table.prefetch_requested, StagingStore) and table.prefetched_rooms is not None
+        self.staging: StagingStore = table.prefetch_requested
+        self.prefetched: RoomStore[int] = table.prefetched_rooms
+        self.ring = self.staging.ring
         self.peers: dict[str, PrefillPeer] = {}
         self.by_agent: dict[str, PrefillPeer] = {}
         self._registered: set[Any] = set()
+        self.waiting_staging: list[Room] = []  # rooms whose page list waits for ring space
+        # staging reserved for rooms not created yet: room id -> (reservations, expiry)
+        self._early: dict[int, tuple[dict[tuple[Hashable, ...], Reservation], float]] = {}
+        self._early_lock = threading.Lock()
+        pool = manager.pool
+        self._views = [pool.page_view(i) for i in range(pool.layout.layers)]
 
     # -- worker loop hooks ------------------------------------------------------
 
@@ -89,7 +131,7 @@ class DecodeSide:
         return False
 
     def step(self, ready: dict[Any, int], now: float) -> None:
-        """Messages, notifications, heartbeats."""
+        """Messages, notifications, heartbeats, rooms waiting for staging space."""
         for peer in list(self.peers.values()):
             for _ in range(256):
                 msg = peer.client.recv()
@@ -99,6 +141,10 @@ class DecodeSide:
                 if self.peers.get(peer.address) is not peer:
                     break
         self._drain_notifications(now)
+        if self.waiting_staging:
+            waiting, self.waiting_staging = self.waiting_staging, []
+            for room in waiting:
+                self.send_room(room)
         cfg = self.m.config
         for peer in list(self.peers.values()):
             if now - peer.last_ping >= cfg.heartbeat_interval:
@@ -124,11 +170,21 @@ class DecodeSide:
             pending = self.pending_failures.get(room.id)
             if pending is not None and now - pending.since > overdue:
                 reason = f"{pending.reason} (prefill did not confirm within {overdue:g} s)"
-                table.fire(room, pending.event, now, reason=reason)
+                table.fire(room, pending.event, now, error=pending.error, reason=reason)
+        with self._early_lock:
+            stale = [r for r, (_, expiry) in self._early.items() if expiry < now]
+            for room_id in stale:
+                for res in self._early.pop(room_id)[0].values():
+                    self.ring.release(res)
 
     def snapshot(self) -> dict[str, Any]:
         """Operator counters."""
-        return {"peers": sorted(p.address for p in self.peers.values() if p.agent)}
+        return {
+            "peers": sorted(p.address for p in self.peers.values() if p.agent),
+            "staging_free": self.ring.free,
+            "staging_capacity": self.ring.capacity,
+            "early_prefetches": len(self._early),
+        }
 
     def close(self) -> None:
         """Close every socket."""
@@ -139,21 +195,99 @@ class DecodeSide:
     def on_transition(self, record: TransitionRecord) -> None:
         """Observer hook: nothing to do on decode."""
 
+    # -- staging prefetch (any thread) ----------------------------------------------
+
+    def staging_needs(self, addresses: Sequence[str], num_pages: int) -> dict[tuple[Hashable, ...], int]:
+        """Units per ``(chunk, session)`` a room of ``num_pages`` pages needs from these ranks.
+
+        Prefill rank ``i`` of ``len(addresses)`` is assumed to hold an equal
+        share of the model's heads (what the handshake later checks).
+        """
+        mine = self.m.pool.layout
+        ranks = len(addresses)
+        if mine.total_heads % ranks:
+            raise ValueError(f"{mine.total_heads} KV heads do not split over {ranks} prefill ranks")
+        per_rank = mine.total_heads // ranks
+        size = self.m.config.staging_chunk_pages
+        needs: dict[tuple[Hashable, ...], int] = {}
+        for rank, address in enumerate(addresses):
+            theirs = (rank * per_rank, (rank + 1) * per_rank)
+            heads = (max(theirs[0], mine.heads[0]), min(theirs[1], mine.heads[1]))
+            if heads[0] >= heads[1] or not self._stages(theirs):
+                continue
+            for c in range(-(-num_pages // size)):
+                needs[(c, address)] = min(size, num_pages - c * size) * per_rank * mine.layers
+        return needs
+
+    def _stages(self, theirs: tuple[int, int]) -> bool:
+        mode = self.m.config.transfer_mode
+        return mode == "staging" or (mode == "auto" and theirs != self.m.pool.layout.heads)
+
+    def prefetch(self, room_id: int, addresses: Sequence[str], num_pages: int) -> bool:
+        """Reserve staging for a room now (it may not exist yet); False when the ring is full."""
+        needs = self.staging_needs(addresses, num_pages)
+        got: dict[tuple[Hashable, ...], Reservation] = {}
+        for key, units in needs.items():
+            res = self.ring.alloc(units)
+            if res is None:
+                for r in got.values():
+                    self.ring.release(r)
+                return False
+            got[(room_id, *key)] = res
+        room = self.m.table.get(room_id)
+        if room is not None:
+            return self._adopt(room, got, num_pages)
+        with self._early_lock:
+            old = self._early.pop(room_id, None)
+            for res in (old[0] if old else {}).values():
+                self.ring.release(res)
+            if len(self._early) >= self.m.config.pending_limit:
+                for res in got.values():
+                    self.ring.release(res)
+                return False
+            self._early[room_id] = (got, self.m.clock() + self.m.config.pending_ttl)
+        room = self.m.table.get(room_id)  # created meanwhile: hand it over now
+        if room is not None:
+            self.adopt_prefetch(room)
+        return True
+
+    def adopt_prefetch(self, room: Room) -> None:
+        """A new room takes over staging reserved before it existed."""
+        with self._early_lock:
+            entry = self._early.pop(room.id, None)
+        if entry is not None:
+            self._adopt(room, entry[0], -1)
+
+    def _adopt(self, room: Room, got: dict[tuple[Hashable, ...], Reservation], num_pages: int) -> bool:
+        """Move reservations into the room's stores; released if the room is gone."""
+        with room.lock:
+            if room.live and not self.plans.get(room.id):
+                for key, res in got.items():
+                    old = self.staging.get(key)
+                    if old is not None:
+                        self.ring.release(old)
+                    self.staging.put_locked(room, key, res)
+                self.prefetched.put_locked(room, num_pages)
+                return True
+        for res in got.values():
+            self.ring.release(res)
+        return False
+
     # -- commands from receivers --------------------------------------------------
 
-    def connect(self, room: Room) -> None:
-        """Worker: make sure the room's prefill peer exists and was greeted."""
-        address = room.peer
-        if address is None or not room.live or address in self.peers:
-            return
+    def _peer(self, room: Room, address: str) -> PrefillPeer | None:
+        """The peer at ``address``, connecting and greeting it if new."""
+        peer = self.peers.get(address)
+        if peer is not None:
+            return peer
         now = self.m.clock()
         try:
             client = ControlClient(self.m._ctx, address, self.m.config.max_message_bytes)
         except (ValueError, zmq.ZMQError) as exc:
             self.m.table.fire(
-                room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address: {exc}")
+                room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address {address}: {exc}")
             )
-            return
+            return None
         peer = PrefillPeer(address, client, last_heard=now)
         self.peers[address] = peer
         pool = self.m.pool
@@ -163,47 +297,166 @@ class DecodeSide:
             "regions": pool.regions.to_dict(),
         }
         client.send("hello", fields, self.m.agent.metadata())
+        return peer
+
+    def connect(self, room: Room) -> None:
+        """Worker: make sure every prefill rank of the room exists and was greeted."""
+        for address in room.peers:
+            if not room.live or self._peer(room, address) is None:
+                return
 
     def send_room(self, room: Room) -> None:
-        """Worker: send the room's page list once the peer is ready."""
-        if not room.live:
+        """Worker: send the room's page list to every prefill rank once all are ready."""
+        plan = self.plans.get(room.id)
+        if not room.live or plan is None or plan.sent:
             return
-        peer = self.peers.get(room.peer or "")
-        if peer is None:
-            self.connect(room)
-            peer = self.peers.get(room.peer or "")
+        peers = []
+        for address in room.peers:
+            peer = self._peer(room, address)
             if peer is None:
                 return
-        if peer.agent is None:
-            peer.queued.append(room.id)
+            if peer.agent is None:
+                if room.id not in peer.queued:
+                    peer.queued.append(room.id)
+                return
+            peers.append(peer)
+        sources = self._sources(room, peers)
+        if sources is None or not self._reserve(room, plan, sources):
             return
-        plan = self.plans.get(room.id)
-        if plan is None:
-            return
-        fields = {
-            "room": room.id,
-            "aux_index": plan.aux_index,
-            "prefix_pages": plan.prefix_pages,
-            "npages": int(plan.pages.size),
-        }
-        peer.client.send("room", fields, plan.pages.astype("<i8").tobytes())
+        npages = int(plan.pages.size)
+        size = self.m.config.staging_chunk_pages
+        aux_sent = False
+        for peer in peers:
+            src = sources[peer.address]
+            staging = None
+            if src.staged and npages:
+                staging = [self._reservation(room, c, peer.address).offset for c in range(-(-npages // size))]
+            writes = src.heads is not None
+            aux = plan.aux_index if writes and not aux_sent else None
+            aux_sent = aux_sent or writes
+            fields = {
+                "room": room.id,
+                "aux_index": aux,
+                "prefix_pages": plan.prefix_pages,
+                "npages": npages if writes else 0,
+                "staging": staging,
+                "chunk_pages": size,
+            }
+            peer.client.send("room", fields, plan.pages.astype("<i8").tobytes() if writes else b"")
+        with room.lock:
+            if not room.live:
+                return
+            plan.sources = sources
+            plan.sent = True
+            room.chunks_needed = npages * sum(1 for s in sources.values() if s.heads is not None)
         self.m.fire(room, Event.METADATA_SENT)
+
+    def _sources(self, room: Room, peers: list[PrefillPeer]) -> dict[str, Source] | None:
+        """Each prefill rank's share; None (room failed) when the ranks don't fit together."""
+        mine = self.m.pool.layout
+        sources: dict[str, Source] = {}
+        for rank, peer in enumerate(peers):
+            theirs = peer.layout
+            assert theirs is not None
+            if theirs.tp_size != len(peers) or theirs.tp_rank != rank:
+                error = IncompatiblePeerError(
+                    f"room {room.id}: bootstrap address #{rank} ({peer.address}) is prefill rank "
+                    f"{theirs.tp_rank} of {theirs.tp_size}, but the room lists {len(peers)} addresses"
+                )
+                self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
+                return None
+            heads = head_overlap(mine, theirs)
+            staged = heads is not None and self._stages(theirs.heads)
+            sources[peer.address] = Source(heads, theirs.heads, staged)
+        return sources
+
+    def _reservation(self, room: Room, chunk: int, address: str) -> Reservation:
+        res = self.staging.get((room.id, chunk, address))
+        assert res is not None
+        return res
+
+    def _reserve(self, room: Room, plan: ReceivePlan, sources: dict[str, Source]) -> bool:
+        """Hold staging for every staged chunk; False when the room must wait (or failed)."""
+        needs = {
+            (room.id, *key): units
+            for key, units in self.staging_needs(list(sources), int(plan.pages.size)).items()
+            if sources[str(key[1])].staged
+        }
+        total = sum(needs.values())
+        if total > self.ring.capacity:
+            error = StagingExhaustedError(
+                f"room {room.id} needs {total} staging units, the ring holds {self.ring.capacity}; "
+                "build the decode KVPool with more staging_pages or a smaller staging_chunk_pages"
+            )
+            self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
+            return False
+        for key in self.staging.keys_of(room.id):
+            res = self.staging.get(key)
+            if res is not None and needs.get(key) != res.units:
+                self.staging.pop(room, key)  # prefetched for another shape: give it back
+        new: list[tuple[Hashable, ...]] = []
+        for key, units in needs.items():
+            if self.staging.get(key) is not None:
+                continue
+            res = self.ring.alloc(units)
+            if res is None or not self.staging.put(room, key, res):
+                if res is not None:
+                    self.ring.release(res)
+                for k in new:  # never hold part of a room's need while waiting: no deadlock
+                    self.staging.pop(room, k)
+                if room.live:
+                    self.waiting_staging.append(room)
+                return False
+            new.append(key)
+        return True
 
     def abort(self, room: Room, reason: str) -> None:
         """Worker: a local abort."""
         self.fail_after_confirm(room, Event.ABORT, reason)
 
-    def fail_after_confirm(self, room: Room, event: Event, reason: str) -> None:
-        """Fail now if nothing can land, else ask prefill and wait for its word."""
+    def fail_after_confirm(
+        self,
+        room: Room,
+        event: Event,
+        reason: str,
+        error: BaseException | None = None,
+        confirmed: str | None = None,
+    ) -> None:
+        """Fail now if nothing can land, else ask every prefill rank and wait for the sources.
+
+        ``confirmed``: a rank that already said nothing of it is in flight.
+        """
         now = self.m.clock()
-        peer = self.peers.get(room.peer or "")
-        if room.state is KVPoll.Bootstrapping or peer is None or peer.agent is None:
-            # nothing can land; still tell a connected prefill so it need not wait for a deadline
-            if self.m.table.fire(room, event, now, reason=reason) and peer is not None and peer.agent:
-                peer.client.send("abort", {"room": room.id, "reason": reason[:2000]})
-            return
-        if self.pending_failures.put(room, PendingFailure(event, reason, now)):
-            peer.client.send("abort", {"room": room.id, "reason": reason[:2000]})
+        plan = self.plans.get(room.id)
+        welcomed = [p for a in room.peers if (p := self.peers.get(a)) is not None and p.agent]
+        waiting = frozenset(
+            p.address
+            for p in welcomed
+            if plan is not None and plan.sent and p.address != confirmed
+            and (src := plan.sources.get(p.address)) is not None and src.heads is not None
+        )  # fmt: skip
+        if not waiting:
+            fired = self.m.table.fire(room, event, now, error=error, reason=reason)
+        else:
+            fired = self.pending_failures.put(room, PendingFailure(event, reason, now, waiting, error))
+        if fired:  # tell every rank, so the room fails on all of them
+            for peer in welcomed:
+                if peer.address != confirmed:
+                    peer.client.send("abort", {"room": room.id, "reason": reason[:2000]})
+
+    def _confirmed(self, room: Room, address: str, now: float) -> bool:
+        """``address`` can no longer write into a room with a pending failure; True if handled."""
+        pending = self.pending_failures.get(room.id)
+        if pending is None:
+            return False
+        waiting = pending.waiting - {address}
+        if waiting:
+            self.pending_failures.put(
+                room, PendingFailure(pending.event, pending.reason, pending.since, waiting, pending.error)
+            )
+        else:
+            self.m.table.fire(room, pending.event, now, error=pending.error, reason=pending.reason)
+        return True
 
     # -- inbound ------------------------------------------------------------------
 
@@ -227,7 +480,13 @@ class DecodeSide:
     def _on_welcome(self, peer: PrefillPeer, msg: Message, now: float) -> None:
         try:
             layout = KVLayout.from_dict(msg.fields["layout"])
-            self.m.pool.layout.check_compatible(layout, msg.fields["agent"])
+            mine = self.m.pool.layout
+            mine.check_compatible(layout, msg.fields["agent"])
+            if head_overlap(mine, layout) and self._stages(layout.heads) and not self.ring.capacity:
+                raise IncompatiblePeerError(
+                    f"prefill rank {layout.tp_rank} of {layout.tp_size} needs the staging ring "
+                    "(head slices interleave), but this decode pool has staging_pages=0"
+                )
             name = self.m.agent.add_remote(msg.payload)
         except (ValueError, IncompatiblePeerError) as exc:
             self._drop_peer(peer, IncompatiblePeerError(str(exc)), Event.TRANSPORT_ERROR, now)
@@ -239,6 +498,7 @@ class DecodeSide:
             self._drop_peer(peer, error, Event.TRANSPORT_ERROR, now)
             return
         peer.agent = name
+        peer.layout = layout
         peer.last_heard = now
         self.by_agent[name] = peer
         queued, peer.queued = peer.queued, []
@@ -249,14 +509,12 @@ class DecodeSide:
 
     def _on_failed(self, peer: PrefillPeer, msg: Message, now: float) -> None:
         room = self.m.table.get(msg.fields["room"])
-        if room is None or room.peer != peer.address:
+        if room is None or peer.address not in room.peers:
             return
-        pending = self.pending_failures.get(room.id)
-        if pending is not None:
-            self.m.table.fire(room, pending.event, now, reason=pending.reason)
-        else:
-            reason = f"prefill failed the room: {msg.fields['reason']}"
-            self.m.table.fire(room, Event.REMOTE_ABORT, now, error=RemoteFailureError(reason))
+        if not self._confirmed(room, peer.address, now):
+            reason = f"prefill failed the room: {msg.fields['reason']} (rank at {peer.address})"
+            error = RemoteFailureError(reason)
+            self.fail_after_confirm(room, Event.REMOTE_ABORT, reason, error, confirmed=peer.address)
 
     def _drain_notifications(self, now: float) -> None:
         try:
@@ -265,7 +523,6 @@ class DecodeSide:
             if classify(exc, "get_new_notifs") is None:
                 raise
             return
-        table = self.m.table
         for agent, messages in notifs.items():
             peer = self.by_agent.get(agent)
             if peer is None:
@@ -273,19 +530,56 @@ class DecodeSide:
             peer.last_heard = now
             for raw in messages:
                 parsed = parse_notif(raw)
-                if parsed is None:
-                    continue
-                room_id, seq, npages, last = parsed
-                room = table.get(room_id)
-                if room is None or room.peer != peer.address:
-                    continue
-                plan = self.plans.get(room_id)
-                with room.lock:
-                    if plan is None or seq in plan.seen or not room.live:
-                        continue
-                    plan.seen.add(seq)
-                table.fire(room, Event.CHUNK_ARRIVED, now, chunks=npages, aux=last)
-                table.fire(room, Event.COMPLETE, now)
+                if parsed is not None:
+                    self._on_chunk(peer, parsed, now)
+
+    def _on_chunk(self, peer: PrefillPeer, n: Notif, now: float) -> None:
+        table = self.m.table
+        room = table.get(n.room)
+        if room is None or peer.address not in room.peers:
+            return
+        plan = self.plans.get(n.room)
+        with room.lock:
+            src = plan.sources.get(peer.address) if plan is not None else None
+            if plan is None or src is None or src.heads is None or n.seq in src.seen or not room.live:
+                return
+            if n.start + n.npages > plan.pages.size:
+                return  # malformed: more pages than the room has
+            src.seen.add(n.seq)
+            if n.last:
+                src.finished = True
+            done = all(s.finished for s in plan.sources.values() if s.heads is not None)
+        if src.staged and n.npages:
+            self._scatter(room, plan, src, peer.address, n)
+        table.fire(room, Event.CHUNK_ARRIVED, now, chunks=n.npages, aux=done)
+        table.fire(room, Event.COMPLETE, now)
+
+    def _scatter(self, room: Room, plan: ReceivePlan, src: Source, address: str, n: Notif) -> None:
+        """Copy a staged chunk's heads into the room's pages; free the chunk once whole."""
+        size = self.m.config.staging_chunk_pages
+        chunk = n.start // size
+        res = self.staging.get((room.id, chunk, address))
+        if res is None:
+            return
+        assert src.heads is not None
+        mine = self.m.pool.layout
+        h_lo, h_hi = src.heads
+        dst = torch.from_numpy(plan.pages[n.start : n.start + n.npages]).to(self._views[0].device)
+        scatter_chunk(
+            self.m.pool.staging,
+            self.m.pool.staging_unit_bytes,
+            res,
+            src.src_heads[1] - src.src_heads[0],
+            self._views,
+            dst,
+            n.start - chunk * size,
+            slice(h_lo - src.src_heads[0], h_hi - src.src_heads[0]),
+            slice(h_lo - mine.heads[0], h_hi - mine.heads[0]),
+        )
+        got = src.chunk_got.get(chunk, 0) + n.npages
+        src.chunk_got[chunk] = got
+        if got >= min(size, int(plan.pages.size) - chunk * size):
+            self.staging.pop(room, (room.id, chunk, address))
 
     def _drop_peer(self, peer: PrefillPeer, error: BaseException, event: Event, now: float) -> None:
         if self.peers.get(peer.address) is not peer:
@@ -297,13 +591,9 @@ class DecodeSide:
         peer.client.close()
         self.m.log.warning("kvroom.peer_lost", peer=peer.address, reason=str(error))
         for room in self.m.table.live_rooms():
-            if room.peer != peer.address:
-                continue
-            pending = self.pending_failures.get(room.id)
-            if pending is not None:  # the peer is gone, so nothing can land now
-                self.m.table.fire(room, pending.event, now, reason=pending.reason)
-            else:
-                self.m.table.fire(room, event, now, error=error)
+            if peer.address in room.peers and not self._confirmed(room, peer.address, now):
+                # the peer is gone, so nothing more lands from it; wait for the other sources
+                self.fail_after_confirm(room, event, str(error), error, confirmed=peer.address)
 
     def peer_lost(self, peer: PrefillPeer, error: PeerLostError, now: float) -> None:
         """Fail every room bound to ``peer``; a later room re-handshakes."""

@@ -30,6 +30,7 @@ __all__ = [
     "DuplicateRoomError",
     "ProtocolError",
     "IncompatiblePeerError",
+    "StagingExhaustedError",
     "BootstrapError",
 ]
 
@@ -98,3 +99,7 @@ class IncompatiblePeerError(KVRoomError):
 
 class BootstrapError(KVRoomError):
     """The manager could not start (address in use, NIXL backend unavailable)."""
+
+
+class StagingExhaustedError(KVRoomError):
+    """A room needs more staging space than the decode staging ring holds at all."""

@@ -18,7 +18,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -37,8 +37,10 @@ from kvroom.fsm import (
     TransitionRecord,
 )
 from kvroom.fsm.room import Room
+from kvroom.transport.control import parse_addresses
 from kvroom.transport.layout import KVPool
 from kvroom.transport.nixl import NixlAgent, unique_agent_name
+from kvroom.transport.staging import StagingRing, StagingStore
 
 __all__ = ["KVManager"]
 
@@ -80,7 +82,12 @@ class KVManager:
         if observer is None and audit:
             observer = AuditObserver(logger, role=self.role.value, process=self.agent_name)
         self.observer = observer
-        self.table = RoomTable(self.role, deadlines=self.config.deadlines, observer=_Forward(self))
+        staging: bool | StagingStore = False
+        if self.role is Role.RECEIVER:
+            staging = StagingStore("prefetch_requested", StagingRing(pool.staging_units))
+        self.table = RoomTable(
+            self.role, deadlines=self.config.deadlines, observer=_Forward(self), staging=staging
+        )
         self._commands: collections.deque[Command] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -128,10 +135,27 @@ class KVManager:
         with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
             os.write(self._wake_w, b"x")
 
-    def create_room(self, room_id: int, peer: str | None) -> Room:
+    def create_room(self, room_id: int, peers: tuple[str, ...] = ()) -> Room:
         """Create a room in Bootstrapping (DuplicateRoomError for a live id)."""
         self.check_alive()
-        return self.table.create(room_id, self.clock(), peer=peer)
+        return self.table.create(room_id, self.clock(), peers=peers)
+
+    def prefetch_staging(self, room_id: int, bootstrap_addr: str | Sequence[str], num_pages: int) -> bool:
+        """Decode: reserve staging-ring space for an upcoming room (it need not exist yet).
+
+        ``bootstrap_addr`` and ``num_pages`` are what the room's receiver will
+        use (``num_pages`` after any prefix).  Returns False when the ring has
+        no room now (the receiver reserves, or waits, when it sends its page
+        list); True when reserved or when this room needs no staging.  The
+        reservation is freed when the room ends, however it ends, or after
+        ``pending_ttl`` if the room is never created.
+        """
+        if self.role is not Role.RECEIVER:
+            raise ValueError("prefetch_staging is a decode-side call")
+        if isinstance(num_pages, bool) or not isinstance(num_pages, int) or num_pages < 0:
+            raise ValueError(f"num_pages must be a non-negative int, got {num_pages!r}")
+        self.check_alive()
+        return bool(self.side.prefetch(room_id, parse_addresses(bootstrap_addr), num_pages))
 
     def fire(self, room: Room, event: Event, **kw: Any) -> bool:
         """Fire an event at the current time."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import zmq
@@ -27,32 +27,43 @@ from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlServer
-from kvroom.transport.descriptors import IntArray, page_runs, run_descriptors, validate_pages
+from kvroom.transport.descriptors import IntArray, page_runs, row_descriptors, run_descriptors, validate_pages
 from kvroom.transport.faults import classify
-from kvroom.transport.layout import KVLayout, Regions
+from kvroom.transport.layout import KVLayout, Regions, head_overlap
 from kvroom.transport.nixl import Transfer
 
 if TYPE_CHECKING:
     from kvroom.manager import KVManager
 
-__all__ = ["PrefillSide", "TransferInfo", "SendPlan", "notif_message", "parse_notif"]
+__all__ = ["Notif", "PrefillSide", "TransferInfo", "SendPlan", "notif_message", "parse_notif"]
 
 
-def notif_message(room: int, seq: int, npages: int, last: bool) -> bytes:
-    """The NIXL notification that rides on each chunk's WRITE."""
-    return f"kvr1:{room}:{seq}:{npages}:{int(last)}".encode()
+def notif_message(room: int, seq: int, start: int, npages: int, last: bool) -> bytes:
+    """The NIXL notification that rides on each WRITE: pages ``start..start+npages``
+    of the destination's page list arrived; ``last`` ends this source's share."""
+    return f"kvr2:{room}:{seq}:{start}:{npages}:{int(last)}".encode()
 
 
-def parse_notif(msg: bytes) -> tuple[int, int, int, bool] | None:
-    """(room, seq, npages, last) or None for anything malformed."""
+class Notif(NamedTuple):
+    """A parsed chunk notification."""
+
+    room: int
+    seq: int
+    start: int
+    npages: int
+    last: bool
+
+
+def parse_notif(msg: bytes) -> Notif | None:
+    """The notification, or None for anything malformed."""
     try:
-        tag, room, seq, npages, last = msg.decode("ascii").split(":")
-        values = int(room), int(seq), int(npages), last == "1"
+        tag, *numbers, last = msg.decode("ascii").split(":")
+        room, seq, start, npages = (int(x) for x in numbers)
     except (UnicodeDecodeError, ValueError):
         return None
-    if tag != "kvr1" or values[0] < 0 or values[1] < 0 or values[2] < 0 or last not in ("0", "1"):
+    if tag != "kvr2" or min(room, seq, start, npages) < 0 or last not in ("0", "1"):
         return None
-    return values
+    return Notif(room, seq, start, npages, last == "1")
 
 
 @dataclass
@@ -68,12 +79,21 @@ class DecodePeer:
 
 @dataclass(frozen=True)
 class TransferInfo:
-    """Where decode wants a room's pages: its page list, aux slot, prefix."""
+    """Where one decode rank wants a room's pages.
+
+    ``pages``: its pages after the ``prefix_pages`` it already holds (empty
+    for a rank that holds none of our heads: it only watches the room).
+    ``staging``: the ring offset of each ``chunk_pages`` chunk, when decode
+    wants our pages staged rather than written in place.
+    """
 
     peer: str
     pages: IntArray
     aux_index: int | None
     prefix_pages: int
+    staging: tuple[int, ...] | None
+    chunk_pages: int
+    heads: tuple[int, int] | None  # global heads both ranks hold
 
 
 @dataclass
@@ -83,7 +103,11 @@ class SendPlan:
     num_pages: int
     aux_index: int | None
     sent_pages: int = 0
-    seq: int = 0
+    seq: int = 0  # next notification sequence number (worker only)
+
+
+# one WRITE to post: (peer, local rows, local mem, remote rows, remote mem, start, pages, ends its share)
+_Write = tuple[DecodePeer, Any, str, Any, str, int, int, bool]
 
 
 class PrefillSide:
@@ -97,12 +121,17 @@ class PrefillSide:
         table = manager.table
         self.send_plans: RoomStore[SendPlan] = table.register_store(RoomStore("send_plans"))
         self.handles: RoomStore[list[Transfer]] = table.register_store(RoomStore("xfer_handles"))
+        # required_dst_info_num a sender declared (else decode's rank count decides)
+        self.dst_counts: RoomStore[int] = table.register_store(RoomStore("dst_info_nums"))
         self.peers: dict[bytes, DecodePeer] = {}
         self.by_agent: dict[str, DecodePeer] = {}
-        self.pending: collections.OrderedDict[int, tuple[bytes, Message, float]] = collections.OrderedDict()
+        # room id -> [(identity, message, arrival)]: info for rooms not created yet
+        self.pending: collections.OrderedDict[int, list[tuple[bytes, Message, float]]] = (
+            collections.OrderedDict()
+        )
         self.tombstones: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
         self.active: list[Transfer] = []
-        self.draining: dict[int, tuple[str, str, list[Transfer]]] = {}
+        self.draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]] = {}
 
     # -- worker loop hooks ------------------------------------------------------
 
@@ -136,13 +165,12 @@ class PrefillSide:
         """Room deadlines, and the age limits of pending info and tombstones."""
         self.m.table.expire(now)
         while self.pending:
-            room_id, (identity, _msg, born) = next(iter(self.pending.items()))
-            if now - born <= self.m.config.pending_ttl:
+            room_id, entries = next(iter(self.pending.items()))
+            if now - entries[0][2] <= self.m.config.pending_ttl:
                 break
             del self.pending[room_id]
-            self.server.send(
-                identity, "failed", {"room": room_id, "reason": "no prefill request with this room id"}
-            )
+            for identity, _msg, _born in entries:
+                self._send_failed(identity, room_id, "no prefill request with this room id")
         while self.tombstones and next(iter(self.tombstones.values()))[1] < now:
             self.tombstones.popitem(last=False)
 
@@ -167,62 +195,118 @@ class PrefillSide:
 
     def adopt_pending(self, room: Room) -> None:
         """Worker: apply transfer info that arrived before the room existed."""
-        entry = self.pending.pop(room.id, None)
-        if entry is not None:
-            self._on_message(entry[0], entry[1], self.m.clock())
+        for identity, msg, _born in self.pending.pop(room.id, ()):
+            self._on_message(identity, msg, self.m.clock())
 
     def on_transition(self, record: TransitionRecord) -> None:
-        """Observer hook (room lock held): a failed room must notify its decode."""
+        """Observer hook (room lock held): a failed room must notify its decode ranks."""
         if record.dst is not KVPoll.Failed:
             return
+        room = self.m.table.get(record.room)
+        peers = room.peers if room is not None else ()
         transfers = list(self.handles.get(record.room) or ())
-        peer = record.peer
         reason = record.reason or "failed on prefill"
-        self.m.enqueue(lambda: self._after_failure(record.room, peer, reason, transfers, record.event))
+        self.m.enqueue(lambda: self._after_failure(record.room, peers, reason, transfers))
 
     def _after_failure(
-        self, room_id: int, peer: str | None, reason: str, transfers: list[Transfer], event: Event
+        self, room_id: int, peers: tuple[str, ...], reason: str, transfers: list[Transfer]
     ) -> None:
         now = self.m.clock()
         self.tombstones[room_id] = (reason, now + self.m.config.pending_ttl)
         while len(self.tombstones) > self.m.config.pending_limit:
             self.tombstones.popitem(last=False)
-        if peer is None or event is Event.PEER_LOST or peer not in self.by_agent:
+        peers = tuple(p for p in peers if p in self.by_agent)  # a lost peer needs no word
+        if not peers:
             return
         live = [t for t in transfers if not t.released]
         if live:
-            self.draining[room_id] = (peer, reason, live)
+            self.draining[room_id] = (peers, reason, live)
         else:
-            self._notify_failed(peer, room_id, reason)
+            for agent in peers:
+                self._notify_failed(agent, room_id, reason)
 
     def _notify_failed(self, agent: str, room_id: int, reason: str) -> None:
         peer = self.by_agent.get(agent)
         if peer is not None:
-            self.server.send(peer.identity, "failed", {"room": room_id, "reason": reason[:2000]})
+            self._send_failed(peer.identity, room_id, reason)
 
-    def post_chunk(self, room: Room, src: IntArray, offset: int, seq: int, last: bool) -> None:
-        """Worker: WRITE one chunk of ``room`` (pages ``offset..`` of the request)."""
+    def _send_failed(self, identity: bytes, room_id: int, reason: str) -> None:
+        self.server.send(identity, "failed", {"room": room_id, "reason": reason[:2000]})
+
+    def post_chunk(self, room: Room, src: IntArray, offset: int, last: bool) -> None:
+        """Worker: WRITE one chunk of ``room`` (pages ``offset..`` of the request) to every rank."""
         if not room.live:
             return
-        info = self.m.table.transfer_infos.get(room.id)
+        infos: dict[str, TransferInfo] | None = self.m.table.transfer_infos.get(room.id)
         plan = self.send_plans.get(room.id)
-        if info is None or plan is None:
+        if infos is None or plan is None:
             return
-        peer = self.by_agent.get(info.peer)
-        if peer is None:
-            return  # the peer is gone; its rooms were failed with it
+        writes: list[_Write] = []
+        ends: list[DecodePeer] = []  # ranks whose share ends with no WRITE in this chunk
+        for info in infos.values():
+            peer = self.by_agent.get(info.peer)
+            if peer is None:
+                return  # the peer is gone; its rooms were failed with it
+            if info.heads is None:
+                continue  # a watching rank: nothing of ours goes to it
+            mine = self._plan_writes(peer, info, plan, src, offset, last)
+            writes.extend(mine)
+            if last and not mine:
+                ends.append(peer)
+        for peer in ends:
+            if not self._notify_end(room, peer, plan):
+                return
+        posted: list[tuple[Transfer, str]] = []
+        for i, (peer, lrows, lmem, rrows, rmem, start, npages, share_ends) in enumerate(writes):
+            notif = notif_message(room.id, plan.seq, start, npages, share_ends)
+            plan.seq += 1
+            ends_room = last and i == len(writes) - 1
+            got = self._write(room, peer, lrows, lmem, rrows, rmem, notif, ends_room)
+            if got is None:
+                return
+            posted.append(got)
+        # only now, with every WRITE of the chunk counted, may completions finish the room
+        for transfer, state in posted:
+            if state == "DONE":
+                self._done(transfer)
+            else:
+                self.active.append(transfer)
+        if last and not writes:  # nothing to copy: the room ends here
+            self.m.fire(room, Event.COMPLETE, aux=True)
+
+    def _plan_writes(
+        self, peer: DecodePeer, info: TransferInfo, plan: SendPlan, src: IntArray, offset: int, last: bool
+    ) -> list[_Write]:
+        """The WRITEs of pages ``src`` (request pages ``offset..``) for one decode rank."""
+        pool, regions, mine = self.m.pool, peer.regions, self.m.pool.layout
         skip = max(0, info.prefix_pages - offset)
         src = src[skip:]
         lo = offset + skip - info.prefix_pages
-        dst = info.pages[lo : lo + src.size]
-        pool, regions = self.m.pool, peer.regions
-        s_start, d_start, lengths = page_runs(src, dst)
-        local = run_descriptors(pool.regions.bases, pool.page_bytes, s_start, lengths, pool.device)
-        remote = run_descriptors(regions.bases, pool.page_bytes, d_start, lengths, regions.device)
-        # (local rows, local mem, remote rows, remote mem, pages, carries the end of the room)
-        writes: list[tuple[Any, str, Any, str, int, bool]] = []
-        if local.shape[0]:
-            writes.append((local, pool.mem, remote, regions.mem, int(src.size), last))
+        writes: list[_Write] = []
+        if src.size and info.staging is not None:
+            writes = self._staged_writes(peer, info, src, lo)
+        elif src.size:
+            dst = info.pages[lo : lo + src.size]
+            assert info.heads is not None
+            h_lo, h_hi = info.heads
+            theirs = peer.layout
+            if (h_lo, h_hi) == mine.heads == theirs.heads:  # whole pages: coalesced runs
+                s_start, d_start, lengths = page_runs(src, dst)
+                local = run_descriptors(pool.regions.bases, pool.page_bytes, s_start, lengths, pool.device)
+                remote = run_descriptors(regions.bases, theirs.page_bytes, d_start, lengths, regions.device)
+            else:  # head slices inside pages, written in place: one row per token
+                hb, length = mine.head_bytes, (h_hi - h_lo) * mine.head_bytes
+                local = row_descriptors(
+                    pool.regions.bases, mine.page_bytes, src, mine.page_size, mine.row_bytes,
+                    (h_lo - mine.heads[0]) * hb, length, pool.device,
+                )  # fmt: skip
+                remote = row_descriptors(
+                    regions.bases, theirs.page_bytes, dst, mine.page_size, theirs.row_bytes,
+                    (h_lo - theirs.heads[0]) * hb, length, regions.device,
+                )  # fmt: skip
+            writes = [(peer, local, pool.mem, remote, regions.mem, lo, int(src.size), False)]
+        if writes and last:
+            writes[-1] = (*writes[-1][:7], True)
         if last and plan.aux_index is not None and info.aux_index is not None:
             slot = pool.aux_slot_bytes
             local_aux = np.array(
@@ -232,33 +316,45 @@ class PrefillSide:
                 [[regions.aux_base + info.aux_index * slot, slot, regions.aux_device]], np.uint64
             )
             if writes and pool.aux_mem == pool.mem and regions.aux_mem == regions.mem:
-                writes[0] = (
-                    np.vstack([local, local_aux]),
-                    pool.mem,
-                    np.vstack([remote, remote_aux]),
-                    regions.mem,
-                    int(src.size),
-                    True,
-                )
-            else:  # aux in another memory type: its own WRITE, which carries the end
+                p, lrows, lmem, rrows, rmem, start, npages, ends = writes[-1]
+                writes[-1] = (p, np.vstack([lrows, local_aux]), lmem, np.vstack([rrows, remote_aux]), rmem,
+                              start, npages, ends)  # fmt: skip
+            else:  # aux in another memory type (or no pages): its own WRITE, which ends the share
                 if writes:
-                    writes[0] = (*writes[0][:5], False)
-                writes.append((local_aux, pool.aux_mem, remote_aux, regions.aux_mem, 0, True))
-        if not writes:
-            if last:  # nothing to copy (all in decode's prefix, no aux): decode still needs the end
-                self._notify_end(room, peer, seq)
-            return
-        for i, (lrows, lmem, rrows, rmem, npages, ends) in enumerate(writes):
-            if not self._write(room, peer, lrows, lmem, rrows, rmem, seq + i, npages, ends):
-                return
+                    writes[-1] = (*writes[-1][:7], False)
+                writes.append((peer, local_aux, pool.aux_mem, remote_aux, regions.aux_mem, 0, 0, True))
+        return writes
 
-    def _notify_end(self, room: Room, peer: DecodePeer, seq: int) -> None:
+    def _staged_writes(self, peer: DecodePeer, info: TransferInfo, src: IntArray, lo: int) -> list[_Write]:
+        """WRITEs of whole local pages into the decode rank's staging chunks."""
+        assert info.staging is not None
+        pool, mine, regions = self.m.pool, self.m.pool.layout, peer.regions
+        size, total = info.chunk_pages, int(info.pages.size)
+        unit = pool.staging_unit_bytes
+        writes: list[_Write] = []
+        for c in range(lo // size, (lo + src.size - 1) // size + 1):
+            j0, j1 = max(lo, c * size), min(lo + src.size, (c + 1) * size)
+            part = src[j0 - lo : j1 - lo]
+            pages_in_chunk = min(size, total - c * size)
+            layer_units = pages_in_chunk * mine.kv_heads
+            first = regions.staging_base + info.staging[c] * unit
+            bases = [first + k * layer_units * unit for k in range(mine.layers)]
+            slots = np.arange(j0 - c * size, j1 - c * size, dtype=np.int64)
+            s_start, d_start, lengths = page_runs(part, slots)
+            local = run_descriptors(pool.regions.bases, pool.page_bytes, s_start, lengths, pool.device)
+            remote = run_descriptors(bases, pool.page_bytes, d_start, lengths, regions.device)
+            writes.append((peer, local, pool.mem, remote, regions.mem, j0, j1 - j0, False))
+        return writes
+
+    def _notify_end(self, room: Room, peer: DecodePeer, plan: SendPlan) -> bool:
+        """A rank's share ended with no WRITE: tell it in a bare notification."""
         try:
-            self.m.agent.notify(peer.agent, notif_message(room.id, seq, 0, True))
+            self.m.agent.notify(peer.agent, notif_message(room.id, plan.seq, 0, 0, True))
         except Exception as exc:
             self._fault(room, peer, exc, f"notify room {room.id}", self.m.clock())
-            return
-        self.m.fire(room, Event.COMPLETE, aux=True)
+            return False
+        plan.seq += 1
+        return True
 
     def _write(
         self,
@@ -268,19 +364,17 @@ class PrefillSide:
         local_mem: str,
         remote: Any,
         remote_mem: str,
-        seq: int,
-        npages: int,
-        last: bool,
-    ) -> bool:
-        """Post one WRITE; False when it failed (the room or the peer failed with it)."""
-        notif = notif_message(room.id, seq, npages, last)
+        notif: bytes,
+        ends_room: bool,
+    ) -> tuple[Transfer, str] | None:
+        """Post one WRITE; None when it failed (the room or the peer failed with it)."""
         try:
             transfer, state = self.m.agent.write(
-                peer.agent, local, local_mem, remote, remote_mem, notif, room.id, last
+                peer.agent, local, local_mem, remote, remote_mem, notif, room.id, ends_room
             )
         except Exception as exc:
             self._fault(room, peer, exc, f"WRITE room {room.id}", self.m.clock())
-            return False
+            return None
         with room.lock:
             if room.live:
                 handles = self.handles.get(room.id)
@@ -289,16 +383,12 @@ class PrefillSide:
                     self.handles.put_locked(room, handles)
                 handles.append(transfer)
                 room.chunks_needed += 1
-        if state == "DONE":
-            self._done(transfer)
-        else:
-            self.active.append(transfer)
-        return True
+        return transfer, state
 
     def _done(self, transfer: Transfer) -> None:
         self.m.agent.release(transfer)
         room = self.m.table.get(transfer.room)
-        if room is not None and room.peer == transfer.peer:
+        if room is not None and transfer.peer in room.peers:
             self.m.fire(room, Event.COMPLETE, chunks=1, aux=transfer.last)
 
     def _fault(self, room: Room | None, peer: DecodePeer, exc: BaseException, what: str, now: float) -> None:
@@ -332,10 +422,11 @@ class PrefillSide:
         self.active = [t for t in still if not t.released]
 
     def _poll_draining(self) -> None:
-        for room_id, (peer, reason, transfers) in list(self.draining.items()):
+        for room_id, (peers, reason, transfers) in list(self.draining.items()):
             if all(t.released for t in transfers):
                 del self.draining[room_id]
-                self._notify_failed(peer, room_id, reason)
+                for agent in peers:
+                    self._notify_failed(agent, room_id, reason)
 
     def peer_lost(self, peer: DecodePeer, error: PeerLostError, now: float) -> None:
         """Fail exactly the rooms bound to ``peer``; forget it and its handles."""
@@ -345,16 +436,21 @@ class PrefillSide:
         self.by_agent.pop(peer.agent, None)
         self.m.log.warning("kvroom.peer_lost", peer=peer.agent, reason=str(error))
         for room in self.m.table.live_rooms():
-            if room.peer == peer.agent:
+            if peer.agent in room.peers:
                 self.m.table.fire(room, Event.PEER_LOST, now, error=error)
         for t in self.active:
             if t.peer == peer.agent:
                 self.m.agent.release(t)
         self.active = [t for t in self.active if not t.released]
-        for room_id in [r for r, (agent, _, _) in self.draining.items() if agent == peer.agent]:
-            del self.draining[room_id]
-        for room_id in [r for r, (ident, _, _) in self.pending.items() if ident == peer.identity]:
-            del self.pending[room_id]
+        for room_id, (agents, reason, transfers) in list(self.draining.items()):
+            if peer.agent in agents:
+                self.draining[room_id] = (tuple(a for a in agents if a != peer.agent), reason, transfers)
+        for room_id, entries in list(self.pending.items()):
+            kept = [e for e in entries if e[0] != peer.identity]
+            if kept:
+                self.pending[room_id] = kept
+            else:
+                del self.pending[room_id]
         self.m.agent.remove_remote(peer.agent)
 
     # -- control messages -------------------------------------------------------
@@ -416,74 +512,112 @@ class PrefillSide:
 
     def _on_room(self, peer: DecodePeer, identity: bytes, msg: Message, now: float) -> None:
         room_id = msg.fields["room"]
-        reason = self._check_room_msg(peer, msg)
-        if reason is not None:
-            self.server.send(identity, "failed", {"room": room_id, "reason": reason})
+        info_or_reason = self._parse_info(peer, msg)
+        if isinstance(info_or_reason, str):
+            self._send_failed(identity, room_id, info_or_reason)
             return
+        info = info_or_reason
         room = self.m.table.get(room_id)
         if room is None:
             tomb = self.tombstones.get(room_id)
             if tomb is not None:
-                self.server.send(identity, "failed", {"room": room_id, "reason": tomb[0][:2000]})
+                self._send_failed(identity, room_id, tomb[0])
                 return
-            self.pending[room_id] = (identity, msg, now)
+            self.pending.setdefault(room_id, []).append((identity, msg, now))
             self.pending.move_to_end(room_id)
             while len(self.pending) > self.m.config.pending_limit:
-                old_id, (old_ident, _, _) = self.pending.popitem(last=False)
-                self.server.send(
-                    old_ident, "failed", {"room": old_id, "reason": "prefill pending-room limit reached"}
-                )
+                old_id, entries = self.pending.popitem(last=False)
+                for old_ident, _, _ in entries:
+                    self._send_failed(old_ident, old_id, "prefill pending-room limit reached")
             return
-        pages = np.frombuffer(msg.payload, dtype="<i8").astype(np.int64)
-        info = TransferInfo(peer.agent, pages, msg.fields["aux_index"], msg.fields["prefix_pages"])
+        ranks = peer.layout.tp_size
         with room.lock:
-            if not room.live or room.state is not KVPoll.Bootstrapping or room.peer not in (None, peer.agent):
+            if not room.live or room.state is not KVPoll.Bootstrapping or peer.agent in room.peers:
                 return  # late or duplicate info: nothing changes
-            room.peer = peer.agent
-            self.m.table.transfer_infos.put_locked(room, info)
+            infos: dict[str, TransferInfo] = self.m.table.transfer_infos.get(room.id) or {}
+            room.peers = (*room.peers, peer.agent)
+            infos = {**infos, peer.agent: info}
+            self.m.table.transfer_infos.put_locked(room, infos)
             self.m.table.decode_prefix_lens.put_locked(room, info.prefix_pages)
+            conflict = self._conflict(room, infos, ranks)
+        if conflict is not None:
+            self.m.fire(room, Event.REMOTE_ABORT, error=RemoteFailureError(f"room {room.id}: {conflict}"))
+            return
         plan = self.send_plans.get(room.id)
         if plan is not None and not self._plan_fits(room, plan, info):
             return
         self.m.table.fire(room, Event.DST_INFO, now, infos=1)
 
-    def _check_room_msg(self, peer: DecodePeer, msg: Message) -> str | None:
-        pages = np.frombuffer(msg.payload, dtype="<i8")
-        try:
-            validate_pages(pages, peer.regions.num_pages, f"room {msg.fields['room']}")
-        except (TypeError, ValueError) as exc:
-            return str(exc)
-        aux = msg.fields["aux_index"]
-        if aux is not None and not 0 <= aux < peer.regions.aux_slots:
-            return f"aux index {aux} out of range for {peer.regions.aux_slots} slots"
+    def _conflict(self, room: Room, infos: dict[str, TransferInfo], ranks: int) -> str | None:
+        """Room lock held: decode ranks must agree on their count and the prefix."""
+        declared = self.dst_counts.get(room.id)
+        if declared is not None and declared != ranks:
+            return f"the sender expects {declared} decode ranks, decode runs {ranks}"
+        if room.infos_needed != ranks:
+            if room.infos_got or len(infos) > 1:
+                return f"decode ranks disagree on their count ({room.infos_needed} vs {ranks})"
+            room.infos_needed = ranks
+        if len({i.prefix_pages for i in infos.values()}) > 1:
+            return "decode ranks sent different prefix lengths"
         return None
 
+    def _parse_info(self, peer: DecodePeer, msg: Message) -> TransferInfo | str:
+        """A room message as transfer info, or the reason it is refused."""
+        f = msg.fields
+        pages = np.frombuffer(msg.payload, dtype="<i8").astype(np.int64)
+        try:
+            validate_pages(pages, peer.regions.num_pages, f"room {f['room']}")
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+        aux = f["aux_index"]
+        if aux is not None and not 0 <= aux < peer.regions.aux_slots:
+            return f"aux index {aux} out of range for {peer.regions.aux_slots} slots"
+        mine = self.m.pool.layout
+        heads = head_overlap(mine, peer.layout)
+        if heads is None and (pages.size or aux is not None or f["staging"]):
+            return f"room {f['room']}: prefill rank {mine.tp_rank} holds none of these heads"[:2000]
+        staging = f["staging"]
+        if staging is not None:
+            size, unit = f["chunk_pages"], self.m.pool.staging_unit_bytes
+            for c, offset in enumerate(staging):
+                units = min(size, pages.size - c * size) * mine.kv_heads * mine.layers
+                if (offset + units) * unit > peer.regions.staging_bytes:
+                    return f"room {f['room']}: staging chunk {c} lies outside decode's staging buffer"
+            staging = tuple(staging)
+        return TransferInfo(peer.agent, pages, aux, f["prefix_pages"], staging, f["chunk_pages"], heads)
+
     def _plan_fits(self, room: Room, plan: SendPlan, info: TransferInfo) -> bool:
-        """Decode's page count must equal prefill's pages after the prefix."""
-        expected = plan.num_pages - info.prefix_pages
+        """A rank's page count must equal prefill's pages after the prefix (0 for watchers)."""
+        expected = plan.num_pages - info.prefix_pages if info.heads is not None else 0
         if expected == info.pages.size and info.prefix_pages <= plan.num_pages:
             return True
         error = RemoteFailureError(
-            f"room {room.id}: decode sent {info.pages.size} pages after a {info.prefix_pages}-page prefix, "
-            f"but prefill has {plan.num_pages} pages"
+            f"room {room.id}: decode {info.peer} sent {info.pages.size} pages after a "
+            f"{info.prefix_pages}-page prefix, but prefill has {plan.num_pages} pages"
         )
         self.m.fire(room, Event.REMOTE_ABORT, error=error)
         return False
 
     def check_plan(self, room: Room) -> None:
         """Worker, after ``init()``: validate info that arrived before it."""
-        info = self.m.table.transfer_infos.get(room.id)
+        infos: dict[str, TransferInfo] | None = self.m.table.transfer_infos.get(room.id)
         plan = self.send_plans.get(room.id)
-        if info is not None and plan is not None:
-            self._plan_fits(room, plan, info)
+        if infos is not None and plan is not None:
+            for info in infos.values():
+                if not self._plan_fits(room, plan, info):
+                    return
 
     def _on_abort(self, peer: DecodePeer, msg: Message, now: float) -> None:
         room_id, reason = msg.fields["room"], f"aborted by decode: {msg.fields['reason']}"
         room = self.m.table.get(room_id)
-        if room is not None and room.peer == peer.agent:
+        if room is not None and peer.agent in room.peers:
             self.m.table.fire(room, Event.REMOTE_ABORT, now, error=RemoteFailureError(reason))
             return  # the failure notice follows once nothing is in flight
-        if room is None:
-            self.pending.pop(room_id, None)
+        if room is not None:  # its info never came: fail the room, it can't complete now
+            self.m.table.fire(room, Event.REMOTE_ABORT, now, error=RemoteFailureError(reason))
+        else:
+            entries = [e for e in self.pending.pop(room_id, []) if e[0] != peer.identity]
+            if entries:
+                self.pending[room_id] = entries
             self.tombstones[room_id] = (reason, now + self.m.config.pending_ttl)
-        self.server.send(peer.identity, "failed", {"room": room_id, "reason": reason[:2000]})
+        self._send_failed(peer.identity, room_id, reason)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from kvroom.decode import DecodeSide, ReceivePlan
@@ -9,7 +10,7 @@ from kvroom.errors import RoomStateError
 from kvroom.fsm import KVPoll, Role
 from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
-from kvroom.transport.control import parse_address
+from kvroom.transport.control import parse_addresses
 from kvroom.transport.descriptors import validate_pages
 
 __all__ = ["KVReceiver"]
@@ -19,19 +20,21 @@ class KVReceiver(RoomHandle):
     """Receives one request's KV pages from prefill (method names follow SGLang).
 
     Creating it creates the room (Bootstrapping); ``init()`` starts the
-    handshake with the prefill at ``bootstrap_addr``; ``send_metadata()`` tells
+    handshake with the prefill at ``bootstrap_addr`` (a list of addresses, one
+    per prefill tensor-parallel rank in rank order, when prefill runs TP > 1); ``send_metadata()`` tells
     prefill where to write.  ``poll()`` turns Failed only once no write for the
     room can still land, so its pages may be reused at once.
     """
 
-    def __init__(self, manager: KVManager, bootstrap_addr: str, bootstrap_room: int) -> None:
+    def __init__(self, manager: KVManager, bootstrap_addr: str | Sequence[str], bootstrap_room: int) -> None:
         if manager.role is not Role.RECEIVER:
             raise ValueError("KVReceiver needs a decode manager")
-        parse_address(bootstrap_addr)
+        addresses = parse_addresses(bootstrap_addr)
         self.manager = manager
         self.bootstrap_addr = bootstrap_addr
-        self.room = manager.create_room(bootstrap_room, peer=bootstrap_addr)
+        self.room = manager.create_room(bootstrap_room, peers=addresses)
         self._side: DecodeSide = manager.side
+        self._side.adopt_prefetch(self.room)
         self._started = False
 
     def init(self) -> None:
@@ -60,8 +63,6 @@ class KVReceiver(RoomHandle):
             raise RoomStateError(
                 room.id, "receiver", room.state.name, "send_metadata", "metadata already sent"
             )
-        with room.lock:
-            room.chunks_needed = int(pages.size)
         plan = ReceivePlan(pages, aux_index, decode_prefix_len // page_size)
         table = self.manager.table
         if not table.put_all([(self._side.plans, plan), (table.decode_prefix_lens, decode_prefix_len)], room):

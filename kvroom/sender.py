@@ -18,19 +18,37 @@ class KVSender(RoomHandle):
     """Sends one request's KV pages to decode (method names follow SGLang).
 
     Creating it creates the room (Bootstrapping); it becomes WaitingForInput
-    once decode's page list arrived.  Then ``init()`` and ``send()`` per chunk.
+    once every decode rank's page list arrived: as many as decode runs
+    tensor-parallel ranks, or ``required_dst_info_num`` when given (a
+    mismatch fails the room).  Then ``init()`` and ``send()`` per chunk.
     ``send()`` and ``poll()`` never raise transport errors: a fault shows as
     ``poll() == KVPoll.Failed`` and ``failure_exception()`` returns its cause.
     """
 
-    def __init__(self, manager: KVManager, bootstrap_addr: str | None, bootstrap_room: int) -> None:
+    def __init__(
+        self,
+        manager: KVManager,
+        bootstrap_addr: str | None,
+        bootstrap_room: int,
+        required_dst_info_num: int | None = None,
+    ) -> None:
         if manager.role is not Role.SENDER:
             raise ValueError("KVSender needs a prefill manager")
+        if required_dst_info_num is not None and (
+            isinstance(required_dst_info_num, bool)
+            or not isinstance(required_dst_info_num, int)
+            or required_dst_info_num <= 0
+        ):
+            raise ValueError(f"required_dst_info_num must be a positive int, got {required_dst_info_num!r}")
         self.manager = manager
         self.bootstrap_addr = bootstrap_addr
-        self.room = manager.create_room(bootstrap_room, peer=None)
+        self.room = manager.create_room(bootstrap_room)
         self._side: PrefillSide = manager.side
         room = self.room
+        if required_dst_info_num is not None:
+            with room.lock:
+                room.infos_needed = required_dst_info_num
+                self._side.dst_counts.put_locked(room, required_dst_info_num)
         manager.submit(lambda: self._side.adopt_pending(room))
 
     def init(self, num_pages: int, aux_index: int | None = None) -> None:
@@ -78,11 +96,10 @@ class KVSender(RoomHandle):
         if not self.manager.fire(room, Event.SEND):
             return  # Failed absorbs it
         with room.lock:
-            offset, seq = plan.sent_pages, plan.seq
+            offset = plan.sent_pages
             plan.sent_pages += pages.size
-            plan.seq += 2
             last = plan.sent_pages == plan.num_pages
-        self.manager.submit(lambda: self._side.post_chunk(room, pages, offset, seq, last))
+        self.manager.submit(lambda: self._side.post_chunk(room, pages, offset, last))
 
     def abort(self, reason: str = "aborted by prefill scheduler") -> None:
         """Fail the room now; decode is told once nothing is in flight."""

@@ -189,9 +189,10 @@ def test_late_duplicate_and_unknown_messages_create_no_state(pair: tuple[KVManag
     peer = d.side.peers[p.bootstrap_addr]
 
     def forge() -> None:
-        peer.client.send("room", {"room": 11, "aux_index": None, "prefix_pages": 0, "npages": 1}, b"\0" * 8)
+        fields = {"room": 11, "aux_index": None, "prefix_pages": 0, "npages": 1}
+        peer.client.send("room", {**fields, "staging": None, "chunk_pages": 16}, b"\0" * 8)
         peer.client.send("abort", {"room": 999, "reason": "x"})
-        d.agent.notify(d.agent_name, b"kvr1:11:0:1:1")  # a stray notification to ourselves
+        d.agent.notify(d.agent_name, b"kvr2:11:0:0:1:1")  # a stray notification to ourselves
 
     d.submit(forge)
     time.sleep(0.3)
@@ -229,7 +230,7 @@ def test_incompatible_layouts_are_refused_before_any_room(pair: tuple[KVManager,
         rx.init()
         rx.send_metadata([0])
         assert wait(lambda: rx.poll() is KVPoll.Failed)
-        with pytest.raises(IncompatiblePeerError, match=r"page_bytes: ours 256, theirs 512.*dtype"):
+        with pytest.raises(IncompatiblePeerError, match=r"dtype: ours 'uint8', theirs 'float16'"):
             rx.failure_exception()
         assert p.snapshot()["peers"] == [] and len(p.table) == 0
     finally:

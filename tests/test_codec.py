@@ -15,8 +15,14 @@ from kvroom.transport.codec import MAGIC, decode, encode
 CAP = 1 << 20
 
 
+def _room(**overrides: object) -> bytes:
+    header = {"type": "room", "room": 1, "aux_index": None, "prefix_pages": 0, "npages": 1}
+    return json.dumps({**header, "staging": None, "chunk_pages": 16, **overrides}).encode()
+
+
 def test_round_trip() -> None:
-    frames = encode("room", {"room": 7, "aux_index": None, "prefix_pages": 0, "npages": 2}, b"\0" * 16)
+    fields = {"room": 7, "aux_index": None, "prefix_pages": 0, "npages": 2, "staging": [0], "chunk_pages": 16}
+    frames = encode("room", fields, b"\0" * 16)
     msg = decode(frames, CAP)
     assert msg.type == "room" and msg.fields["room"] == 7 and msg.payload == b"\0" * 16
     assert decode(encode("ping"), CAP).type == "ping"
@@ -38,8 +44,16 @@ def test_round_trip() -> None:
         ([MAGIC, b'{"type":"ping","extra":1}'], "unexpected fields"),
         ([MAGIC, b'{"type":"ping"}', b"payload"], "wrong number of frames"),
         (
-            [MAGIC, b'{"type":"room","room":1,"aux_index":null,"prefix_pages":0,"npages":3}', b"\0" * 8],
+            [MAGIC, _room(npages=3), b"\0" * 8],
             "payload of 8",
+        ),
+        ([MAGIC, _room(staging=[0, 1]), b"\0" * 8], "2 staging chunks for 1 pages"),
+        ([MAGIC, _room(staging=[-1]), b"\0" * 8], "staging offsets must be non-negative"),
+        ([MAGIC, _room(staging=[True]), b"\0" * 8], "staging offsets must be non-negative"),
+        ([MAGIC, _room(staging=[0], chunk_pages=0), b"\0" * 8], "staging chunks"),
+        (
+            [MAGIC, _room(staging="x"), b"\0" * 8],
+            "field 'staging' has type str",
         ),
         ([MAGIC, b'{"type":"ping"}', b"x" * CAP], "exceeds"),
     ],

@@ -38,20 +38,22 @@ class Room:
         "live",
         "lock",
         "owner",
-        "peer",
+        "peers",
         "role",
         "since",
         "state",
     )
 
-    def __init__(self, room_id: int, role: Role, owner: RoomOwner, now: float, peer: str | None) -> None:
+    def __init__(
+        self, room_id: int, role: Role, owner: RoomOwner, now: float, peers: tuple[str, ...] = ()
+    ) -> None:
         self.id = room_id
         self.role = role
         self.state = KVPoll.Bootstrapping
         self.owner = owner
         self.lock = threading.Lock()
         self.live = True  # False once cleanup removed it from every store
-        self.peer = peer
+        self.peers = peers  # the peers this room is bound to (several under tensor parallelism)
         self.since = now  # when the current state was entered
         self.last = now  # time of the latest event applied
         self.deadline: float | None = None
@@ -61,6 +63,11 @@ class Room:
         self.chunks_needed = 0
         self.chunks_done = 0
         self.aux_done = False
+
+    @property
+    def peer(self) -> str | None:
+        """The bound peers as one string, for audit records (None when unbound)."""
+        return ",".join(self.peers) if self.peers else None
 
     def __repr__(self) -> str:
         return f"<Room {self.id} {self.role.value} {self.state.name}{'' if self.live else ' cleared'}>"

@@ -84,14 +84,18 @@ class KeyedStore(Store, Generic[V]):
 
     def put(self, room: Room, key: tuple[Hashable, ...], value: V) -> bool:
         """Store ``value`` under ``key`` (``key[0]`` must be the room id)."""
+        with room.lock:
+            return self.put_locked(room, key, value)
+
+    def put_locked(self, room: Room, key: tuple[Hashable, ...], value: V) -> bool:
+        """Like :meth:`put` for a caller that already holds ``room.lock``."""
         if not key or key[0] != room.id:
             raise ValueError(f"key {key!r} does not start with room id {room.id}")
-        with room.lock:
-            if not room.live:
-                return False
-            self._data[key] = value
-            self._by_room.setdefault(room.id, set()).add(key)
-            return True
+        if not room.live:
+            return False
+        self._data[key] = value
+        self._by_room.setdefault(room.id, set()).add(key)
+        return True
 
     def pop(self, room: Room, key: tuple[Hashable, ...]) -> V | None:
         """Remove and return one entry of a room."""

@@ -142,7 +142,7 @@ class RoomTable:
         *,
         deadlines: Deadlines | None = None,
         observer: Observer | None = None,
-        staging: bool = False,
+        staging: bool | KeyedStore[Any] = False,
     ) -> None:
         self.role = role
         self.deadlines = deadlines or Deadlines()
@@ -157,12 +157,14 @@ class RoomTable:
         self.decode_prefix_lens: RoomStore[int] = self.register_store(RoomStore("decode_prefix_lens"))
         self.failure_records: RoomStore[str] = self.register_store(RoomStore("failure_records"))
         self.exceptions: RoomStore[BaseException] = self.register_store(RoomStore("exceptions"))
-        self.staging = staging
+        # staging: True, or the prefetch_requested store to use (one that frees ring space)
+        self.staging = staging is not False
         self.prefetched_rooms: RoomStore[Any] | None = None
         self.prefetch_requested: KeyedStore[Any] | None = None
-        if staging:
+        if self.staging:
             self.prefetched_rooms = self.register_store(RoomStore("prefetched_rooms"))
-            self.prefetch_requested = self.register_store(KeyedStore("prefetch_requested"))
+            requested = staging if isinstance(staging, KeyedStore) else KeyedStore("prefetch_requested")
+            self.prefetch_requested = self.register_store(requested)
         self._heap: list[tuple[float, int, Room, KVPoll]] = []
         self._heap_lock = threading.Lock()
         self._seq = itertools.count()
@@ -193,11 +195,13 @@ class RoomTable:
 
     # -- rooms ----------------------------------------------------------------
 
-    def create(self, room_id: int, now: float, *, peer: str | None = None) -> Room:
+    def create(
+        self, room_id: int, now: float, *, peer: str | None = None, peers: tuple[str, ...] = ()
+    ) -> Room:
         """Create a room in Bootstrapping; a live duplicate id raises, untouched."""
         if not isinstance(room_id, int) or isinstance(room_id, bool):
             raise TypeError(f"room id must be an int, got {type(room_id).__name__}")
-        room = Room(room_id, self.role, self, now, peer)
+        room = Room(room_id, self.role, self, now, (peer,) if peer is not None else peers)
         existing = self._rooms.setdefault(room_id, room)
         if existing is not room:
             raise DuplicateRoomError(

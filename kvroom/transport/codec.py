@@ -15,7 +15,7 @@ from kvroom.errors import ProtocolError
 
 __all__ = ["MAGIC", "VERSION", "Message", "encode", "decode", "SCHEMA", "MAX_HEADER_BYTES"]
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"KVR" + bytes([VERSION])
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -23,13 +23,25 @@ _INT = (int,)
 _OPT_INT = (int, type(None))
 _STR = (str,)
 _DICT = (dict,)
+_OPT_LIST = (list, type(None))
 
 # type -> (required fields with their types, payload: "none" | "required")
 SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
     "hello": ({"agent": _STR, "layout": _DICT, "regions": _DICT}, "required"),
     "welcome": ({"agent": _STR, "layout": _DICT}, "required"),
     "reject": ({"reason": _STR}, "none"),
-    "room": ({"room": _INT, "aux_index": _OPT_INT, "prefix_pages": _INT, "npages": _INT}, "required"),
+    # staging: None, or the staging-ring unit offset of each chunk of chunk_pages pages
+    "room": (
+        {
+            "room": _INT,
+            "aux_index": _OPT_INT,
+            "prefix_pages": _INT,
+            "npages": _INT,
+            "staging": _OPT_LIST,
+            "chunk_pages": _INT,
+        },
+        "required",
+    ),
     "abort": ({"room": _INT, "reason": _STR}, "none"),
     "failed": ({"room": _INT, "reason": _STR}, "none"),
     "ping": ({}, "none"),
@@ -107,5 +119,11 @@ def _check(message: Message, header_len: int) -> None:
             raise ProtocolError("room: negative or out-of-range numbers")
         if len(message.payload) != npages * 8:
             raise ProtocolError(f"room: payload of {len(message.payload)} bytes for {npages} pages")
+        staging, chunk = message.fields["staging"], message.fields["chunk_pages"]
+        if staging is not None:
+            if chunk <= 0 or len(staging) != -(-npages // chunk):
+                raise ProtocolError(f"room: {len(staging)} staging chunks for {npages} pages of {chunk}")
+            if any(isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in staging):
+                raise ProtocolError("room: staging offsets must be non-negative ints")
     if message.type in ("abort", "failed") and not 0 <= message.fields["room"] < 2**64:
         raise ProtocolError(f"{message.type}: room id out of range")

@@ -9,6 +9,7 @@ with ``MAXMSGSIZE``.  Every socket belongs to the manager's worker thread.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -16,7 +17,7 @@ import zmq
 from kvroom.errors import BootstrapError, ProtocolError
 from kvroom.transport.codec import Message, decode, encode
 
-__all__ = ["ControlServer", "ControlClient", "parse_address"]
+__all__ = ["parse_addresses", "ControlServer", "ControlClient", "parse_address"]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -31,6 +32,20 @@ def parse_address(address: str) -> tuple[str, int]:
     if not host or not 0 <= port < 65536:
         raise ValueError(f"bootstrap address {address!r} is out of range")
     return host, port
+
+
+def parse_addresses(addresses: str | Sequence[str]) -> tuple[str, ...]:
+    """One address or one per prefill tensor-parallel rank (in rank order), validated."""
+    if isinstance(addresses, str):
+        addresses = (addresses,)
+    if not isinstance(addresses, Sequence) or not addresses:
+        raise ValueError(f"expected a bootstrap address or a non-empty list of them, got {addresses!r}")
+    out = tuple(addresses)
+    for address in out:
+        parse_address(address)
+    if len(set(out)) != len(out):
+        raise ValueError(f"duplicate bootstrap addresses in {list(out)}")
+    return out
 
 
 def _socket(ctx: zmq.Context[Any], kind: int, max_bytes: int) -> zmq.Socket[Any]:

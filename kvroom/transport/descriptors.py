@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["page_runs", "run_descriptors", "validate_pages"]
+__all__ = ["page_runs", "row_descriptors", "run_descriptors", "validate_pages"]
 
 IntArray = npt.NDArray[np.int64]
 DescArray = npt.NDArray[np.uint64]
@@ -74,5 +74,35 @@ def run_descriptors(
     out = np.empty((addr.size, 3), dtype=np.uint64)
     out[:, 0] = addr.ravel()
     out[:, 1] = length.ravel()
+    out[:, 2] = device
+    return out
+
+
+def row_descriptors(
+    bases: Sequence[int],
+    page_bytes: int,
+    pages: IntArray,
+    rows: int,
+    row_bytes: int,
+    offset: int,
+    length: int,
+    device: int = 0,
+) -> DescArray:
+    """One descriptor per (layer, page, row): ``length`` bytes at ``offset`` in each row.
+
+    For head slices that do not cover whole rows; rows are ordered layer-major,
+    then page, then row, so a source and a destination list built with the same
+    pages count pair up one to one.
+    """
+    base = np.asarray(bases, dtype=np.uint64)[:, None, None]
+    addr = (
+        base
+        + pages.astype(np.uint64)[None, :, None] * np.uint64(page_bytes)
+        + np.arange(rows, dtype=np.uint64)[None, None, :] * np.uint64(row_bytes)
+        + np.uint64(offset)
+    )
+    out = np.empty((addr.size, 3), dtype=np.uint64)
+    out[:, 0] = addr.ravel()
+    out[:, 1] = length
     out[:, 2] = device
     return out
