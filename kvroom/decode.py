@@ -541,18 +541,23 @@ class DecodeSide:
         plan = self.plans.get(n.room)
         with room.lock:
             src = plan.sources.get(peer.address) if plan is not None else None
-            if plan is None or src is None or src.heads is None or n.seq in src.seen or not room.live:
+            if plan is None or src is None or n.seq in src.seen or not room.live:
                 return
-            if n.start + n.npages > plan.pages.size:
-                return  # malformed: more pages than the room has
+            if n.start + n.npages > (plan.pages.size if src.heads is not None else 0):
+                return  # malformed: more pages than this rank may write
             src.seen.add(n.seq)
             if n.last:
                 src.finished = True
-            done = all(s.finished for s in plan.sources.values() if s.heads is not None)
+            done = all(s.finished for s in plan.sources.values())  # every prefill rank ended
         if src.staged and n.npages:
             self._scatter(room, plan, src, peer.address, n)
         table.fire(room, Event.CHUNK_ARRIVED, now, chunks=n.npages, aux=done)
         table.fire(room, Event.COMPLETE, now)
+        if room.state is KVPoll.Success:  # tell every prefill rank: its Success waits for all of ours
+            for address in room.peers:
+                other = self.peers.get(address)
+                if other is not None and other.agent:
+                    other.client.send("done", {"room": room.id})
 
     def _scatter(self, room: Room, plan: ReceivePlan, src: Source, address: str, n: Notif) -> None:
         """Copy a staged chunk's heads into the room's pages; free the chunk once whole."""

@@ -11,6 +11,11 @@ Three things deliberately outlive a room, each bounded:
   handle is polled until DONE (or the peer is lost) and released, and only then
   is the decode side told ``failed``: decode frees its pages on that word.
 * tombstones of failed rooms, so late transfer info for them is answered at once.
+
+A room is bound to every decode rank (``infos_needed`` of them: decode's TP
+size, or the sender's ``required_dst_info_num``).  It succeeds when its WRITEs
+completed and every decode rank said ``done`` (its own room succeeded), so a
+rank lost before the room completed everywhere fails it on every rank.
 """
 
 from __future__ import annotations
@@ -153,6 +158,11 @@ class PrefillSide:
             self._on_message(got[0], got[1], now)
         if self.active:
             self._poll_transfers(now)
+        try:
+            self.m.agent.progress()  # bare notifications (ends of shares) go out only with progress
+        except Exception as exc:
+            if classify(exc, "progress") is None:
+                raise
         if self.draining:
             self._poll_draining()
         timeout = self.m.config.heartbeat_timeout
@@ -247,12 +257,17 @@ class PrefillSide:
             peer = self.by_agent.get(info.peer)
             if peer is None:
                 return  # the peer is gone; its rooms were failed with it
-            if info.heads is None:
-                continue  # a watching rank: nothing of ours goes to it
+            if info.heads is None:  # a watching rank: no data, only the end of our share
+                if last:
+                    ends.append(peer)
+                continue
             mine = self._plan_writes(peer, info, plan, src, offset, last)
             writes.extend(mine)
             if last and not mine:
                 ends.append(peer)
+        if last:  # Success also needs every decode rank's "done": count them before any can come
+            with room.lock:
+                room.chunks_needed += len(infos)
         for peer in ends:
             if not self._notify_end(room, peer, plan):
                 return
@@ -474,6 +489,10 @@ class PrefillSide:
             self._on_room(peer, identity, msg, now)
         elif msg.type == "abort":
             self._on_abort(peer, msg, now)
+        elif msg.type == "done":
+            room = self.m.table.get(msg.fields["room"])
+            if room is not None and peer.agent in room.peers:
+                self.m.table.fire(room, Event.COMPLETE, now, chunks=1)
 
     def _on_hello(self, identity: bytes, msg: Message, now: float) -> None:
         agent = msg.fields["agent"]

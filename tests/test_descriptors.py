@@ -8,7 +8,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvroom.transport.descriptors import page_runs, run_descriptors, validate_pages
+from kvroom.prefill import Notif, notif_message, parse_notif
+from kvroom.transport.descriptors import page_runs, row_descriptors, run_descriptors, validate_pages
 
 
 def test_runs_break_where_either_side_breaks() -> None:
@@ -21,6 +22,33 @@ def test_runs_break_where_either_side_breaks() -> None:
 def test_rows_are_layer_major_with_addresses_and_lengths() -> None:
     rows = run_descriptors([1000, 5000], 10, np.array([0, 3]), np.array([2, 1]), device=0)
     assert rows.tolist() == [[1000, 20, 0], [1030, 10, 0], [5000, 20, 0], [5030, 10, 0]]
+
+
+def test_head_slice_rows_are_one_per_layer_page_and_token() -> None:
+    # pages of 2 tokens x 4 heads x 8 bytes; heads 1..2 of pages 3 and 0, two layers
+    rows = row_descriptors([1000, 9000], 64, np.array([3, 0]), rows=2, row_bytes=32, offset=8, length=16)
+    assert rows.tolist() == [
+        [1000 + 3 * 64 + 8, 16, 0],
+        [1000 + 3 * 64 + 32 + 8, 16, 0],
+        [1000 + 8, 16, 0],
+        [1000 + 32 + 8, 16, 0],
+        [9000 + 3 * 64 + 8, 16, 0],
+        [9000 + 3 * 64 + 32 + 8, 16, 0],
+        [9000 + 8, 16, 0],
+        [9000 + 32 + 8, 16, 0],
+    ]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"kvr1:1:0:1:1", b"kvr2:1:0:0:1", b"kvr2:-1:0:0:1:1", b"kvr2:1:0:0:1:2", b"\xff", b"kvr2:a:0:0:1:1"],
+)
+def test_malformed_notifications_are_ignored(raw: bytes) -> None:
+    assert parse_notif(raw) is None
+
+
+def test_notifications_round_trip() -> None:
+    assert parse_notif(notif_message(7, 3, 16, 4, True)) == Notif(7, 3, 16, 4, True)
 
 
 @given(st.lists(st.integers(0, 200), unique=True, max_size=60), st.randoms())

@@ -44,6 +44,7 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
     ),
     "abort": ({"room": _INT, "reason": _STR}, "none"),
     "failed": ({"room": _INT, "reason": _STR}, "none"),
+    "done": ({"room": _INT}, "none"),  # decode: the room succeeded here
     "ping": ({}, "none"),
     "pong": ({}, "none"),
 }
@@ -125,5 +126,5 @@ def _check(message: Message, header_len: int) -> None:
                 raise ProtocolError(f"room: {len(staging)} staging chunks for {npages} pages of {chunk}")
             if any(isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in staging):
                 raise ProtocolError("room: staging offsets must be non-negative ints")
-    if message.type in ("abort", "failed") and not 0 <= message.fields["room"] < 2**64:
+    if message.type in ("abort", "failed", "done") and not 0 <= message.fields["room"] < 2**64:
         raise ProtocolError(f"{message.type}: room id out of range")

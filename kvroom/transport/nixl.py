@@ -152,8 +152,16 @@ class NixlAgent:
         return notifs
 
     def notify(self, peer: str, message: bytes) -> None:
-        """A notification not bound to a transfer."""
+        """A notification not bound to a transfer (needs :meth:`progress` calls to go out)."""
         self._agent.send_notif(peer, message)
+
+    def progress(self) -> None:
+        """Drive the backend without a progress thread (flushes queued notifications).
+
+        NIXL progresses its backend inside its polling calls; a side that sent
+        a notification but has no transfer left to poll must still call one.
+        """
+        self._agent.get_new_notifs()
 
     def close(self) -> None:
         """Deregister memory; the agent is freed with this object."""
