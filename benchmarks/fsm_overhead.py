@@ -108,7 +108,10 @@ def main() -> None:
             per_op(lambda i, t=table: kvroom_failure(t, i), args.n, args.rounds) * 1e6
         )
     out = {
-        "ratio_vs_dict": results["kvroom_us_0"] / results["dict_us_0"],
+        # the worst of the three live-room counts (an empty dict is slower, flattering 0 live)
+        "ratio_vs_dict": max(
+            results[f"kvroom_us_{n}"] / results[f"dict_us_{n}"] for n in (0, 10_000, 100_000)
+        ),
         "ratio_100k_vs_0": results["kvroom_us_100000"] / results["kvroom_us_0"],
         "bytes_per_room": bytes_per_room(),
         **results,
@@ -120,7 +123,7 @@ def main() -> None:
     for live in (0, 10_000, 100_000):
         d, k, f = (results[f"{p}_us_{live}"] for p in ("dict", "kvroom", "failed"))
         print(f"{live:>12}{d:>10.2f}{k:>12.2f}{k / d:>8.1f}{f:>20.2f}")
-    print(f"ratio to dict baseline (0 live): {out['ratio_vs_dict']:.1f}  (target <= 20)")
+    print(f"ratio to dict baseline (worst):  {out['ratio_vs_dict']:.1f}  (target <= 20)")
     print(f"100k live / 0 live:              {out['ratio_100k_vs_0']:.2f}  (target <= 1.2)")
     print(f"bytes per live room:             {out['bytes_per_room']:.0f}  (target <= 1024)")
 

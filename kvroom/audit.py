@@ -11,14 +11,24 @@ a ready JSON-lines file logger for tools and the demo.
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
 
-from kvroom.fsm.observer import CleanupRecord, IgnoredRecord, TransitionRecord
+from kvroom.fsm.observer import CleanupRecord, IgnoredRecord, Observer, TransitionRecord
 
-__all__ = ["AuditObserver", "json_lines_logger", "TRANSITION_EVENT", "CLEANUP_EVENT", "IGNORED_EVENT"]
+__all__ = [
+    "AuditObserver",
+    "BackgroundObserver",
+    "json_lines_logger",
+    "TRANSITION_EVENT",
+    "CLEANUP_EVENT",
+    "IGNORED_EVENT",
+]
 
 TRANSITION_EVENT = "room.transition"
 CLEANUP_EVENT = "room.cleanup"
@@ -74,6 +84,68 @@ class AuditObserver:
                 trigger=record.event.value,
                 time=record.time,
             )
+
+
+class BackgroundObserver:
+    """Hands records to ``inner`` on a writer thread, off the scheduler's thread.
+
+    The calling thread only appends the (already built) record to a queue; its
+    ``on_*`` methods *are* the queue's C-level ``append``, with no Python frame.
+    Rendering and writing happen on a daemon thread, in order, every
+    ``interval`` seconds.  :meth:`flush` delivers everything queued so far;
+    :meth:`close` flushes and stops the thread.  A record is never dropped; a
+    failing ``inner`` loses nothing else (its first error is re-raised by the
+    next :meth:`flush`).  Records still queued when the process is killed are
+    lost with it, so tools reading the log must allow for a killed process.
+    """
+
+    def __init__(self, inner: Observer, *, interval: float = 0.05) -> None:
+        self.inner = inner
+        self._queue: collections.deque[TransitionRecord | CleanupRecord | IgnoredRecord] = collections.deque()
+        self.on_transition: Callable[[TransitionRecord], None] = self._queue.append
+        self.on_cleanup: Callable[[CleanupRecord], None] = self._queue.append
+        self.on_ignored: Callable[[IgnoredRecord], None] = self._queue.append
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stop = False
+        self._lock = threading.Lock()  # one drainer at a time keeps records in order
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvroom-audit", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        inner, queue = self.inner, self._queue
+        with self._lock:
+            while queue:
+                record = queue.popleft()
+                try:
+                    if isinstance(record, TransitionRecord):
+                        inner.on_transition(record)
+                    elif isinstance(record, CleanupRecord):
+                        inner.on_cleanup(record)
+                    else:
+                        inner.on_ignored(record)
+                except Exception as exc:  # keep draining; report on flush
+                    self._error = self._error or exc
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self._interval)
+            self._drain()
+
+    def flush(self) -> None:
+        """Deliver every record queued so far (raises the inner observer's first error)."""
+        self._drain()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Flush and stop the writer thread (idempotent)."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(5)
+        self.flush()
 
 
 def json_lines_logger(path: str | os.PathLike[str] | TextIO) -> Any:

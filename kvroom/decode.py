@@ -127,8 +127,8 @@ class DecodeSide:
         self._registered = live
 
     def busy(self) -> bool:
-        """Decode has no handles of its own; notifications are polled each step."""
-        return False
+        """True while rooms hold page lists: their notifications are only seen by polling NIXL."""
+        return len(self.plans) > 0
 
     def step(self, ready: dict[Any, int], now: float) -> None:
         """Messages, notifications, heartbeats, rooms waiting for staging space."""
@@ -166,9 +166,10 @@ class DecodeSide:
             else:
                 self.fail_after_confirm(room, Event.TIMEOUT, reason)
         overdue = 2 * self.m.config.heartbeat_timeout
-        for room in table.live_rooms():
-            pending = self.pending_failures.get(room.id)
-            if pending is not None and now - pending.since > overdue:
+        for room_id in self.pending_failures:  # only rooms waiting for a confirmation
+            pending = self.pending_failures.get(room_id)
+            room = table.get(room_id)
+            if room is not None and pending is not None and now - pending.since > overdue:
                 reason = f"{pending.reason} (prefill did not confirm within {overdue:g} s)"
                 table.fire(room, pending.event, now, error=pending.error, reason=reason)
         with self._early_lock:

@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 import zmq
 
-from kvroom.audit import AuditObserver
+from kvroom.audit import AuditObserver, BackgroundObserver
 from kvroom.config import ManagerConfig
 from kvroom.errors import KVRoomError
 from kvroom.fsm import (
@@ -54,7 +54,8 @@ class KVManager:
     ``pool``: the registered KV pages and aux slots.  Prefill listens on
     ``bootstrap_port`` (0 picks a free one; see :attr:`bootstrap_addr`).
     ``observer`` receives every transition; by default they go to structlog
-    as audit events (``audit=False`` turns that off).
+    as audit events, rendered on a background writer thread
+    (:class:`~kvroom.audit.BackgroundObserver`; ``audit=False`` turns them off).
     """
 
     def __init__(
@@ -79,8 +80,11 @@ class KVManager:
         self.log = (logger or structlog.get_logger("kvroom")).bind(
             role=self.role.value, agent=self.agent_name
         )
-        if observer is None and audit:
-            observer = AuditObserver(logger, role=self.role.value, process=self.agent_name)
+        self._own_observer: BackgroundObserver | None = None
+        if observer is None and audit:  # rendered on a writer thread, not the scheduler's
+            observer = self._own_observer = BackgroundObserver(
+                AuditObserver(logger, role=self.role.value, process=self.agent_name)
+            )
         self.observer = observer
         staging: bool | StagingStore = False
         if self.role is Role.RECEIVER:
@@ -209,6 +213,8 @@ class KVManager:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         self._thread.join(timeout)
+        if self._own_observer is not None:
+            self._own_observer.close()
         self.agent.close()
         self._ctx.term()
         for fd in (self._wake_r, self._wake_w):

@@ -251,7 +251,7 @@ class RoomTable:
         is ignored and reported.
         """
         with room.lock:
-            if room.live:
+            if (infos or chunks or aux) and room.live:
                 room.infos_got += infos
                 room.chunks_done += chunks
                 room.aux_done = room.aux_done or aux
@@ -299,7 +299,13 @@ class RoomTable:
                 reason = str(room.error)
         room.state = dest
         room.since = now
-        self._arm_deadline(room, dest, now)
+        seconds = self._state_deadline[dest]
+        if seconds is None:
+            room.deadline = None
+        else:
+            room.deadline = due = now + seconds
+            with self._heap_lock:
+                heapq.heappush(self._heap, (due, next(self._seq), room, dest))
         if observer is not None:
             observer.on_transition(
                 TransitionRecord(room.id, self.role, room.peer, src, dest, event, reason, now)
@@ -334,7 +340,8 @@ class RoomTable:
             return
         room.live = False
         room.deadline = None
-        held = [s.name for s in self._stores if s.discard_room(room.id)]
+        room_id = room.id
+        held = [s.name for s in self._stores if s.discard_room(room_id)]
         if self._rooms.get(room.id) is room:
             del self._rooms[room.id]
             held.insert(0, "request_status")

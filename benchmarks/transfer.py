@@ -1,0 +1,281 @@
+"""Transfer efficiency: kvroom versus a plain NIXL script, and the memcpy ceiling.
+
+Two processes (prefill, decode) move the same pages both ways: through kvroom
+(rooms, senders, receivers, chunks, notifications, the done round trip) and
+through a bare NIXL script doing the same WRITEs (same descriptor lists, one
+per chunk, with a notification) between two fresh processes.  A torch copy of
+the same bytes in one process is the memory-bandwidth ceiling.  Timing starts
+when every room is ready to send and stops when prefill sees every room done.
+Prints a table, or one JSON object with ``--json``.
+
+    python benchmarks/transfer.py [--json] [--rooms N] [--pages N] [--page-kib N] [--chunks N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The workload: rooms x pages of page_bytes, sent in chunks."""
+
+    rooms: int
+    pages: int
+    page_bytes: int
+    chunks: int
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def total_pages(self) -> int:
+        return self.rooms * self.pages
+
+    @property
+    def total_bytes(self) -> int:
+        return self.total_pages * self.page_bytes
+
+
+def page_lists(shape: Shape, seed: int) -> list[np.ndarray]:
+    """Each room's pages: runs of 8 in shuffled order over the whole pool."""
+    rng = np.random.default_rng(seed)
+    runs = np.arange(shape.total_pages).reshape(-1, 8)[rng.permutation(shape.total_pages // 8)]
+    return [r.astype(np.int64) for r in runs.reshape(shape.rooms, shape.pages)]
+
+
+def _pool(shape: Shape) -> Any:
+    from kvroom import KVPool
+
+    layer = torch.zeros(shape.total_pages, shape.page_bytes, dtype=torch.uint8)
+    return KVPool([layer], torch.zeros(shape.rooms, 64, dtype=torch.uint8))
+
+
+def _die_with_parent(shape: Shape) -> None:
+    import os
+
+    from kvroom.demo.nodes import die_with_parent
+
+    die_with_parent()
+    os.environ.update(dict(shape.env))
+
+
+# -- kvroom ------------------------------------------------------------------------
+
+
+def kvroom_prefill(conn: Connection, shape: Shape) -> None:
+    _die_with_parent(shape)
+    from kvroom import KVManager, KVPoll, KVSender
+
+    manager = KVManager("prefill", _pool(shape), audit=False)
+    manager.pool.layers[0].random_(0, 255)
+    conn.send(manager.bootstrap_addr)
+    conn.recv()  # decode sent every page list
+    src = page_lists(shape, 1)
+    senders = [KVSender(manager, None, room) for room in range(shape.rooms)]
+    while not all(s.poll() is KVPoll.WaitingForInput for s in senders):
+        time.sleep(0.001)
+    for s in senders:
+        s.init(shape.pages)
+    step = shape.pages // shape.chunks
+    start = time.perf_counter()
+    for c in range(shape.chunks):
+        for room, s in enumerate(senders):
+            s.send(src[room][c * step : (c + 1) * step])
+    waiting = senders
+    while waiting:  # a scheduler loop (2 ms tick): poll the rooms still open
+        waiting = [s for s in waiting if s.poll() is not KVPoll.Success]
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - start
+    conn.send(elapsed)
+    conn.recv()
+    manager.close()
+
+
+def kvroom_decode(conn: Connection, shape: Shape, addr: str) -> None:
+    _die_with_parent(shape)
+    from kvroom import KVManager, KVPoll, KVReceiver
+
+    manager = KVManager("decode", _pool(shape), audit=False)
+    dst = page_lists(shape, 2)
+    receivers = []
+    for room in range(shape.rooms):
+        rx = KVReceiver(manager, addr, room)
+        rx.init()
+        rx.send_metadata(dst[room])
+        receivers.append(rx)
+    conn.send("ready")
+    while receivers:  # a scheduler loop (5 ms tick)
+        receivers = [r for r in receivers if r.poll() is not KVPoll.Success]
+        time.sleep(0.005)
+    conn.send("done")
+    conn.recv()
+    manager.close()
+
+
+# -- raw NIXL ----------------------------------------------------------------------
+
+
+def _agent(name: str, tensor: torch.Tensor) -> Any:
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    agent.register_memory(tensor)
+    return agent
+
+
+def raw_prefill(conn: Connection, shape: Shape) -> None:
+    _die_with_parent(shape)
+    from kvroom.transport.descriptors import page_runs, run_descriptors
+
+    tensor = torch.zeros(shape.total_pages, shape.page_bytes, dtype=torch.uint8).random_(0, 255)
+    agent = _agent("raw-prefill", tensor)
+    conn.send(agent.get_agent_metadata())
+    peer_md, remote_base = conn.recv()
+    peer = agent.add_remote_agent(peer_md)
+    src, dst = page_lists(shape, 1), page_lists(shape, 2)
+    step = shape.pages // shape.chunks
+    base = int(tensor.data_ptr())
+    start = time.perf_counter()
+    handles = []
+    for c in range(shape.chunks):
+        for room in range(shape.rooms):
+            s, d, n = page_runs(src[room][c * step : (c + 1) * step], dst[room][c * step : (c + 1) * step])
+            local = agent.get_xfer_descs(run_descriptors([base], shape.page_bytes, s, n), "DRAM")
+            remote = agent.get_xfer_descs(run_descriptors([remote_base], shape.page_bytes, d, n), "DRAM")
+            handle = agent.initialize_xfer("WRITE", local, remote, peer, f"{room}:{c}".encode())
+            agent.transfer(handle)
+            handles.append(handle)
+    pending = handles
+    while pending:
+        still = []
+        for h in pending:
+            if agent.check_xfer_state(h) == "DONE":
+                agent.release_xfer_handle(h)
+            else:
+                still.append(h)
+        pending = still
+    elapsed = time.perf_counter() - start
+    conn.send(elapsed)
+    conn.recv()
+
+
+def raw_decode(conn: Connection, shape: Shape) -> None:
+    _die_with_parent(shape)
+    tensor = torch.zeros(shape.total_pages, shape.page_bytes, dtype=torch.uint8)
+    agent = _agent("raw-decode", tensor)
+    peer_md = conn.recv()
+    agent.add_remote_agent(peer_md)
+    conn.send((agent.get_agent_metadata(), int(tensor.data_ptr())))
+    got = 0
+    want = shape.rooms * shape.chunks
+    while got < want:
+        got += sum(len(v) for v in agent.get_new_notifs().values())
+    conn.send("done")
+    conn.recv()
+
+
+# -- driver ------------------------------------------------------------------------
+
+
+def run_kvroom(shape: Shape) -> float:
+    ctx = mp.get_context("spawn")
+    p_conn, p_child = ctx.Pipe()
+    d_conn, d_child = ctx.Pipe()
+    prefill = ctx.Process(target=kvroom_prefill, args=(p_child, shape), daemon=True)
+    prefill.start()
+    addr = p_conn.recv()
+    decode = ctx.Process(target=kvroom_decode, args=(d_child, shape, addr), daemon=True)
+    decode.start()
+    d_conn.recv()
+    p_conn.send("go")
+    elapsed: float = p_conn.recv()
+    d_conn.recv()
+    for conn, proc in ((p_conn, prefill), (d_conn, decode)):
+        conn.send("exit")
+        proc.join(30)
+    return elapsed
+
+
+def run_raw(shape: Shape) -> float:
+    ctx = mp.get_context("spawn")
+    p_conn, p_child = ctx.Pipe()
+    d_conn, d_child = ctx.Pipe()
+    prefill = ctx.Process(target=raw_prefill, args=(p_child, shape), daemon=True)
+    decode = ctx.Process(target=raw_decode, args=(d_child, shape), daemon=True)
+    prefill.start()
+    decode.start()
+    d_conn.send(p_conn.recv())
+    p_conn.send(d_conn.recv())
+    elapsed: float = p_conn.recv()
+    d_conn.recv()
+    for conn, proc in ((p_conn, prefill), (d_conn, decode)):
+        conn.send("exit")
+        proc.join(30)
+    return elapsed
+
+
+def run_memcpy(shape: Shape, rounds: int = 3) -> float:
+    src = torch.zeros(shape.total_bytes, dtype=torch.uint8).random_(0, 255)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--rooms", type=int, default=256)
+    parser.add_argument("--pages", type=int, default=64)
+    parser.add_argument("--page-kib", type=int, default=64)
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each; the best counts")
+    parser.add_argument("--tcp", action="store_true", help="UCX_TLS=tcp for both (as between hosts)")
+    args = parser.parse_args()
+    env = (("UCX_TLS", "tcp"),) if args.tcp else ()
+    shape = Shape(args.rooms, args.pages, args.page_kib << 10, args.chunks, env)
+    if shape.pages % 8 or shape.pages % shape.chunks:
+        parser.error("--pages must be a multiple of 8 and of --chunks")
+    kv, raw = float("inf"), float("inf")
+    for _ in range(args.rounds):  # interleaved, so drift hits both alike
+        raw = min(raw, run_raw(shape))
+        kv = min(kv, run_kvroom(shape))
+    copy = run_memcpy(shape)
+    gbps = {name: shape.total_bytes / t / 1e9 for name, t in (("kvroom", kv), ("raw", raw), ("memcpy", copy))}
+    out = {
+        "ratio_vs_raw_nixl": gbps["kvroom"] / gbps["raw"],
+        "ratio_vs_memcpy": gbps["kvroom"] / gbps["memcpy"],
+        "kvroom_gbps": gbps["kvroom"],
+        "raw_nixl_gbps": gbps["raw"],
+        "memcpy_gbps": gbps["memcpy"],
+        "bytes": shape.total_bytes,
+        "rooms": shape.rooms,
+        "writes": shape.rooms * shape.chunks,
+        "transport": "tcp" if args.tcp else "default",
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    mib = shape.total_bytes / (1 << 20)
+    print(f"{shape.rooms} rooms x {shape.pages} pages x {args.page_kib} KiB = {mib:.0f} MiB,", end=" ")
+    print(f"{shape.chunks} chunks a room")
+    print(f"{'path':>12}{'s':>9}{'GB/s':>9}")
+    for name, t in (("kvroom", kv), ("raw NIXL", raw), ("torch copy", copy)):
+        print(f"{name:>12}{t:>9.3f}{shape.total_bytes / t / 1e9:>9.2f}")
+    print(f"kvroom / raw NIXL: {out['ratio_vs_raw_nixl']:.2f}  (target >= 0.9)")
+    print(f"kvroom / memcpy:   {out['ratio_vs_memcpy']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
