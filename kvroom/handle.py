@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvroom.errors import RoomStateError
 from kvroom.fsm import Event, KVPoll
 from kvroom.fsm.room import Room
 from kvroom.manager import KVManager
@@ -14,6 +15,7 @@ class RoomHandle:
 
     manager: KVManager
     room: Room
+    _cleared: bool = False
 
     @property
     def bootstrap_room(self) -> int:
@@ -24,8 +26,12 @@ class RoomHandle:
         """The room's state; never raises transport errors.
 
         Read under the room's lock: a Failed room is only ever seen clean.
+        After :meth:`clear` the handle is spent: polling it raises
+        :class:`~kvroom.errors.RoomStateError` (a stale handle must not report
+        a finished room as if it were the current one).
         """
         self.manager.check_alive()
+        self._check_not_cleared("poll")
         with self.room.lock:
             return self.room.state
 
@@ -36,7 +42,16 @@ class RoomHandle:
         raise error
 
     def clear(self) -> None:
-        """Drop a finished room's state (Success); Failed rooms are already clean."""
-        if self.room.state is KVPoll.Failed:
-            return
-        self.manager.fire(self.room, Event.CLEAR)
+        """Drop a finished room's state (Success); Failed rooms are already clean.
+
+        Once per handle: a second call raises :class:`~kvroom.errors.RoomStateError`.
+        """
+        self._check_not_cleared("clear")
+        if self.room.state is not KVPoll.Failed:
+            self.manager.fire(self.room, Event.CLEAR)  # RoomStateError before a terminal state
+        self._cleared = True
+
+    def _check_not_cleared(self, call: str) -> None:
+        if self._cleared:
+            room = self.room
+            raise RoomStateError(room.id, room.role.value, room.state.name, call, "the room was cleared")

@@ -106,11 +106,10 @@ def _make_manager(role: str, opts: NodeOptions) -> Any:
 
 
 def _result(
-    handle: Any, role: str, opts: NodeOptions, started: float, verified: bool | None, nbytes: int
+    handle: Any, state: Any, role: str, opts: NodeOptions, started: float, verified: bool | None, nbytes: int
 ) -> RoomResult:
     from kvroom import KVPoll
 
-    state = handle.poll()
     error = error_type = None
     if state is KVPoll.Failed:
         try:
@@ -243,11 +242,12 @@ class _Loop:
         entry = self.live.pop(room_id)
         handle, spec = entry["handle"], entry["spec"]
         nbytes = (spec.pages - spec.prefix_pages) * self.opts.page_bytes * self.opts.layers
+        state = handle.poll()  # the handle is spent once cleared
         try:
             handle.clear()
         except Exception as exc:
             self.unexpected.append(f"room {room_id}: clear: {type(exc).__name__}: {exc}")
-        result = _result(handle, self.role, self.opts, entry["started"], verified, nbytes)
+        result = _result(handle, state, self.role, self.opts, entry["started"], verified, nbytes)
         self.pages.release(entry["pages"])
         self.slots.append(entry["slot"])
         self.conn.send(("done", result))
