@@ -168,10 +168,10 @@ class DecodeSide:
         overdue = 2 * self.m.config.heartbeat_timeout
         for room_id in self.pending_failures:  # only rooms waiting for a confirmation
             pending = self.pending_failures.get(room_id)
-            room = table.get(room_id)
-            if room is not None and pending is not None and now - pending.since > overdue:
+            waiting = table.get(room_id)
+            if waiting is not None and pending is not None and now - pending.since > overdue:
                 reason = f"{pending.reason} (prefill did not confirm within {overdue:g} s)"
-                table.fire(room, pending.event, now, error=pending.error, reason=reason)
+                table.fire(waiting, pending.event, now, error=pending.error, reason=reason)
         with self._early_lock:
             stale = [r for r, (_, expiry) in self._early.items() if expiry < now]
             for room_id in stale:
