@@ -49,7 +49,9 @@ def _log_kill(audit_log: str, node: Node) -> None:
 class Demo:
     """Runs one demo and keeps its bookkeeping."""
 
-    def __init__(self, args: argparse.Namespace, audit_log: str) -> None:
+    def __init__(
+        self, args: argparse.Namespace, audit_log: str, plan: list[tuple[float, str]] | None = None
+    ) -> None:
         self.args = args
         self.audit_log = audit_log
         self.cluster = Cluster(_options(args, audit_log))
@@ -59,7 +61,9 @@ class Demo:
         self.killed: set[str] = set()
         self.rng = random.Random(args.seed)
         self.chaos_log: list[str] = []
-        self.plan = [(0.15, "abort"), (0.3, "kill"), (0.55, "stop"), (0.75, "abort")] if args.chaos else []
+        # (fraction of rooms done, step): abort | kill | stop
+        default = [(0.15, "abort"), (0.3, "kill"), (0.55, "stop"), (0.75, "abort")] if args.chaos else []
+        self.plan = sorted(plan) if plan is not None else default
         self.started = 0.0
 
     # -- accounting -------------------------------------------------------------
@@ -112,7 +116,7 @@ class Demo:
         )
 
     def _chaos_kill(self) -> None:
-        index = max(self.cluster.decodes)
+        index = self.rng.choice(sorted(self.cluster.decodes))
         node = self.cluster.decodes[index]
         self.cluster.kill(node)
         self.killed.add(node.name)
@@ -121,7 +125,7 @@ class Demo:
         self.chaos_log.append(f"killed {node.name} (pid {node.pid}) and restarted it as {fresh.name}")
 
     def _chaos_stop(self) -> None:
-        node = self.cluster.decodes[0]
+        node = self.cluster.decodes[self.rng.choice(sorted(self.cluster.decodes))]
         self.cluster.pause(node)
         pause = 2.0 + 1.0  # past the 2 s transfer deadline
         end = time.monotonic() + pause
