@@ -393,3 +393,10 @@ def test_fuzzed_frames_never_crash_the_manager_or_create_a_room(
         assert set(p.table._rooms) <= before and p.snapshot()["pending_infos"] == 0
     finally:
         sock.close()
+
+
+def test_control_plane_binds_only_the_configured_host(env: tuple[KVManager, KVManager]) -> None:
+    p, _ = env
+    endpoint = p.side.server.socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+    assert endpoint.startswith("tcp://127.0.0.1:"), endpoint  # loopback by default, never 0.0.0.0
+    assert p.bootstrap_addr == endpoint.removeprefix("tcp://")
