@@ -196,6 +196,11 @@ def run_kvroom(shape: Shape) -> float:
     decode.start()
     d_conn.recv()
     p_conn.send("go")
+    return _finish(p_conn, prefill, d_conn, decode)
+
+
+def _finish(p_conn: Connection, prefill: Any, d_conn: Connection, decode: Any) -> float:
+    """Prefill's elapsed time once decode also saw everything; then both exit."""
     elapsed: float = p_conn.recv()
     d_conn.recv()
     for conn, proc in ((p_conn, prefill), (d_conn, decode)):
@@ -214,12 +219,7 @@ def run_raw(shape: Shape) -> float:
     decode.start()
     d_conn.send(p_conn.recv())
     p_conn.send(d_conn.recv())
-    elapsed: float = p_conn.recv()
-    d_conn.recv()
-    for conn, proc in ((p_conn, prefill), (d_conn, decode)):
-        conn.send("exit")
-        proc.join(30)
-    return elapsed
+    return _finish(p_conn, prefill, d_conn, decode)
 
 
 def run_memcpy(shape: Shape, rounds: int = 3) -> float:

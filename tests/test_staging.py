@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from kvroom import KVManager, KVPoll, KVReceiver, KVSender, ManagerConfig
 from kvroom.fsm import Deadlines, Event, Role, RoomTable
 from kvroom.transport.staging import Reservation, StagingRing, StagingStore
 from tests.ranks import PAGE_SIZE, SRC_AUX, holds, make_pool
+from tests.test_api import wait
 
 # -- the ring ------------------------------------------------------------------
 
@@ -99,15 +100,6 @@ def config(**extra: object) -> ManagerConfig:
         "deadlines": Deadlines(5.0, 10.0, 5.0),
     }
     return ManagerConfig(**{**base, **extra})  # type: ignore[arg-type]
-
-
-def wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 @pytest.fixture
