@@ -46,11 +46,19 @@ def pattern(room: int) -> torch.Tensor:
     return torch.randint(0, 255, (PAGES, PAGE_BYTES), dtype=torch.uint8, generator=g)
 
 
-def config() -> Any:
+def config(host: str = "127.0.0.1") -> Any:
     from kvroom import ManagerConfig
     from kvroom.fsm import Deadlines
 
-    return ManagerConfig(heartbeat_interval=0.2, heartbeat_timeout=2.0, deadlines=Deadlines(60.0, 60.0, 10.0))
+    deadlines = Deadlines(60.0, 60.0, 10.0)
+    return ManagerConfig(heartbeat_interval=0.2, heartbeat_timeout=2.0, deadlines=deadlines, host=host)
+
+
+def stderr_logger() -> Any:
+    """Logs and audit events to stderr: stdout carries only our JSON lines."""
+    import structlog
+
+    return structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
 
 
 _INBOX: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -79,7 +87,7 @@ def lines() -> list[str]:
 def prefill(host: str, rooms: list[int]) -> None:
     from kvroom import KVManager, KVPoll, KVSender
 
-    manager = KVManager("prefill", pool(), config=config().__class__(**{**config().__dict__, "host": host}))
+    manager = KVManager("prefill", pool(), config=config(host), logger=stderr_logger())
     for room in rooms:
         manager.pool.layers[0][src_pages(room)] = pattern(room)
     say(addr=manager.bootstrap_addr)
@@ -119,7 +127,7 @@ def prefill(host: str, rooms: list[int]) -> None:
 def decode(addr: str, rooms: list[int]) -> None:
     from kvroom import KVManager, KVPoll, KVReceiver
 
-    manager = KVManager("decode", pool(), config=config())
+    manager = KVManager("decode", pool(), config=config(), logger=stderr_logger())
     receivers = {}
     for i, room in enumerate(rooms):
         rx = KVReceiver(manager, addr, room)

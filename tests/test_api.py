@@ -181,7 +181,7 @@ def test_late_duplicate_and_unknown_messages_create_no_state(pair: tuple[KVManag
     p, d = pair
     tx, rx = ready_pair(p, d, 11, pages=2)
     tx.send([0, 1])
-    assert wait(lambda: rx.poll() is KVPoll.Success)
+    assert wait(lambda: rx.poll() is KVPoll.Success and tx.poll() is KVPoll.Success)
     tx.clear()
     rx.clear()
     peer = d.side.peers[p.bootstrap_addr]

@@ -51,7 +51,10 @@ def test_chaos_demo_survives_kills_stops_and_aborts(tmp_path: Path) -> None:
     result = kvroom("demo", "--chaos", "--requests", "200", "--max-pages", "16", "--audit-log", str(log))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
-    assert "chaos: killed decode1" in out and "chaos: stopped decode0" in out and "chaos: aborted" in out
+    assert re.search(r"chaos: killed decode\d", out) and re.search(r"chaos: stopped decode\d", out), out[
+        -2000:
+    ]
+    assert "chaos: aborted" in out
     assert "Failed" in out and "kvroom demo: OK" in out
     assert audit_main(str(log)) == 0
 

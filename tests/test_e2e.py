@@ -116,7 +116,14 @@ def test_stopped_decode_is_failed_by_deadlines(make_cluster: Callable[..., Clust
         cluster.resume(decode)
     prefill = cluster.outcome("prefill")
     failed = [r for r in prefill.values() if r.state == "Failed"]
-    assert failed and all(r.error_type == "DeadlineExceededError" for r in failed)
+    # every failure is a deadline: prefill's own, or decode's (a room that outlived its decode
+    # deadline just before the stop), which decode reports as an abort
+    by_deadline = [
+        r.error_type == "DeadlineExceededError"
+        or (r.error_type == "RemoteFailureError" and "deadline" in (r.error or ""))
+        for r in failed
+    ]
+    assert failed and all(by_deadline), {(r.error_type, r.error) for r in failed}
     # each room fails within its (longest, 3 s) deadline of the stop, or of its creation if later
     assert all(r.finished - max(r.started, stopped_at) < 3.0 + 1.5 for r in failed)
     if transport == "tcp":  # over TCP a WRITE into a stopped process stays in PROC

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFILL_IP, DECODE_IP = "10.231.7.1", "10.231.7.2"
-STDERR = subprocess.DEVNULL if not os.environ.get("KVROOM_NETNS_STDERR") else None
 
 
 def sh(*cmd: str) -> subprocess.CompletedProcess[str]:
@@ -69,26 +71,37 @@ class Node:
 
     def __init__(self, ns: str, device: str, *args: str) -> None:
         env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": device, "PYTHONPATH": str(ROOT)}
+        self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - the node's stderr, shown when it goes quiet
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.netns_node", *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=STDERR, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
             cwd=ROOT, env=env, start_new_session=True,
         )  # fmt: skip
+        self.inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:  # drained all the time, so the node never blocks on a full pipe
+            if line.startswith("{"):  # NIXL and structlog also print to stdout: ours are JSON objects
+                self.inbox.put(json.loads(line))
+        self.inbox.put(None)
 
     def read(self, timeout: float = 60.0) -> dict[str, Any]:
-        import select
+        try:
+            data = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(
+                f"node said nothing for {timeout:g} s; its stderr ends:\n{self.tail()}"
+            ) from None
+        if data is None:
+            raise EOFError(f"node exited with {self.proc.wait(5)}; its stderr ends:\n{self.tail()}")
+        result: dict[str, Any] = data
+        return result
 
-        assert self.proc.stdout is not None
-        end = time.monotonic() + timeout
-        while True:  # NIXL and structlog also print to stdout: our lines are the JSON objects
-            if not select.select([self.proc.stdout], [], [], max(0.0, end - time.monotonic()))[0]:
-                raise TimeoutError("node said nothing")
-            line = self.proc.stdout.readline()
-            if not line:
-                raise EOFError(f"node exited with {self.proc.wait(5)}")
-            if line.startswith("{"):
-                data: dict[str, Any] = json.loads(line)
-                return data
+    def tail(self) -> str:
+        self.log.seek(0)
+        return "".join(self.log.readlines()[-20:])
 
     def tell(self, line: str) -> None:
         assert self.proc.stdin is not None
