@@ -37,8 +37,8 @@ from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlClient
 from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify
-from kvroom.transport.layout import KVLayout, head_overlap
-from kvroom.transport.staging import Reservation, StagingStore, scatter_chunk
+from kvroom.transport.layout import KVLayout, head_overlap, range_overlap
+from kvroom.transport.staging import Reservation, StagingStore, chunk_count, chunk_pages, scatter_chunk
 
 if TYPE_CHECKING:
     from kvroom.manager import KVManager
@@ -109,8 +109,8 @@ class DecodeSide:
         self.by_agent: dict[str, PrefillPeer] = {}
         self._registered: set[Any] = set()
         self.waiting_staging: list[Room] = []  # rooms whose page list waits for ring space
-        # staging reserved for rooms not created yet: room id -> (reservations, expiry)
-        self._early: dict[int, tuple[dict[tuple[Hashable, ...], Reservation], float]] = {}
+        # staging reserved for rooms not created yet: room id -> (reservations, pages, expiry)
+        self._early: dict[int, tuple[dict[tuple[Hashable, ...], Reservation], int, float]] = {}
         self._early_lock = threading.Lock()
         pool = manager.pool
         self._views = [pool.page_view(i) for i in range(pool.layout.layers)]
@@ -173,7 +173,7 @@ class DecodeSide:
                 reason = f"{pending.reason} (prefill did not confirm within {overdue:g} s)"
                 table.fire(waiting, pending.event, now, error=pending.error, reason=reason)
         with self._early_lock:
-            stale = [r for r, (_, expiry) in self._early.items() if expiry < now]
+            stale = [r for r, (_, _, expiry) in self._early.items() if expiry < now]
             for room_id in stale:
                 for res in self._early.pop(room_id)[0].values():
                     self.ring.release(res)
@@ -213,11 +213,10 @@ class DecodeSide:
         needs: dict[tuple[Hashable, ...], int] = {}
         for rank, address in enumerate(addresses):
             theirs = (rank * per_rank, (rank + 1) * per_rank)
-            heads = (max(theirs[0], mine.heads[0]), min(theirs[1], mine.heads[1]))
-            if heads[0] >= heads[1] or not self._stages(theirs):
+            if range_overlap(theirs, mine.heads) is None or not self._stages(theirs):
                 continue
-            for c in range(-(-num_pages // size)):
-                needs[(c, address)] = min(size, num_pages - c * size) * per_rank * mine.layers
+            for c in range(chunk_count(num_pages, size)):
+                needs[(c, address)] = chunk_pages(num_pages, size, c) * per_rank * mine.layers
         return needs
 
     def _stages(self, theirs: tuple[int, int]) -> bool:
@@ -246,7 +245,7 @@ class DecodeSide:
                 for res in got.values():
                     self.ring.release(res)
                 return False
-            self._early[room_id] = (got, self.m.clock() + self.m.config.pending_ttl)
+            self._early[room_id] = (got, num_pages, self.m.clock() + self.m.config.pending_ttl)
         room = self.m.table.get(room_id)  # created meanwhile: hand it over now
         if room is not None:
             self.adopt_prefetch(room)
@@ -257,7 +256,7 @@ class DecodeSide:
         with self._early_lock:
             entry = self._early.pop(room.id, None)
         if entry is not None:
-            self._adopt(room, entry[0], -1)
+            self._adopt(room, entry[0], entry[1])
 
     def _adopt(self, room: Room, got: dict[tuple[Hashable, ...], Reservation], num_pages: int) -> bool:
         """Move reservations into the room's stores; released if the room is gone."""
@@ -331,7 +330,8 @@ class DecodeSide:
             src = sources[peer.address]
             staging = None
             if src.staged and npages:
-                staging = [self._reservation(room, c, peer.address).offset for c in range(-(-npages // size))]
+                chunks = range(chunk_count(npages, size))
+                staging = [self._reservation(room, c, peer.address).offset for c in chunks]
             writes = src.heads is not None
             aux = plan.aux_index if writes and not aux_sent else None
             aux_sent = aux_sent or writes
@@ -429,7 +429,7 @@ class DecodeSide:
         """
         now = self.m.clock()
         plan = self.plans.get(room.id)
-        welcomed = [p for a in room.peers if (p := self.peers.get(a)) is not None and p.agent]
+        welcomed = self._welcomed(room)
         waiting = frozenset(
             p.address
             for p in welcomed
@@ -444,6 +444,10 @@ class DecodeSide:
             for peer in welcomed:
                 if peer.address != confirmed:
                     peer.client.send("abort", {"room": room.id, "reason": reason[:2000]})
+
+    def _welcomed(self, room: Room) -> list[PrefillPeer]:
+        """The room's prefill ranks that completed the handshake."""
+        return [p for a in room.peers if (p := self.peers.get(a)) is not None and p.agent]
 
     def _confirmed(self, room: Room, address: str, now: float) -> bool:
         """``address`` can no longer write into a room with a pending failure; True if handled."""
@@ -555,10 +559,8 @@ class DecodeSide:
         table.fire(room, Event.CHUNK_ARRIVED, now, chunks=n.npages, aux=done)
         table.fire(room, Event.COMPLETE, now)
         if room.state is KVPoll.Success:  # tell every prefill rank: its Success waits for all of ours
-            for address in room.peers:
-                other = self.peers.get(address)
-                if other is not None and other.agent:
-                    other.client.send("done", {"room": room.id})
+            for other in self._welcomed(room):
+                other.client.send("done", {"room": room.id})
 
     def _scatter(self, room: Room, plan: ReceivePlan, src: Source, address: str, n: Notif) -> None:
         """Copy a staged chunk's heads into the room's pages; free the chunk once whole."""
@@ -584,7 +586,7 @@ class DecodeSide:
         )
         got = src.chunk_got.get(chunk, 0) + n.npages
         src.chunk_got[chunk] = got
-        if got >= min(size, int(plan.pages.size) - chunk * size):
+        if got >= chunk_pages(int(plan.pages.size), size, chunk):
             self.staging.pop(room, (room.id, chunk, address))
 
     def _drop_peer(self, peer: PrefillPeer, error: BaseException, event: Event, now: float) -> None:

@@ -36,6 +36,7 @@ from kvroom.transport.descriptors import IntArray, page_runs, row_descriptors, r
 from kvroom.transport.faults import classify
 from kvroom.transport.layout import KVLayout, Regions, head_overlap
 from kvroom.transport.nixl import Transfer
+from kvroom.transport.staging import chunk_pages
 
 if TYPE_CHECKING:
     from kvroom.manager import KVManager
@@ -111,8 +112,17 @@ class SendPlan:
     seq: int = 0  # next notification sequence number (worker only)
 
 
-# one WRITE to post: (peer, local rows, local mem, remote rows, remote mem, start, pages, ends its share)
-_Write = tuple[DecodePeer, Any, str, Any, str, int, int, bool]
+class _Write(NamedTuple):
+    """One WRITE to post to a decode rank: descriptor rows on both sides and its notification."""
+
+    peer: DecodePeer
+    local: Any
+    local_mem: str
+    remote: Any
+    remote_mem: str
+    start: int  # first page of the rank's page list it fills
+    npages: int
+    ends: bool  # the last WRITE of this rank's share
 
 
 class PrefillSide:
@@ -272,11 +282,11 @@ class PrefillSide:
             if not self._notify_end(room, peer, plan):
                 return
         posted: list[tuple[Transfer, str]] = []
-        for i, (peer, lrows, lmem, rrows, rmem, start, npages, share_ends) in enumerate(writes):
-            notif = notif_message(room.id, plan.seq, start, npages, share_ends)
+        for i, w in enumerate(writes):
+            notif = notif_message(room.id, plan.seq, w.start, w.npages, w.ends)
             plan.seq += 1
             ends_room = last and i == len(writes) - 1
-            got = self._write(room, peer, lrows, lmem, rrows, rmem, notif, ends_room)
+            got = self._write(room, w.peer, w.local, w.local_mem, w.remote, w.remote_mem, notif, ends_room)
             if got is None:
                 return
             posted.append(got)
@@ -319,9 +329,9 @@ class PrefillSide:
                     regions.bases, theirs.page_bytes, dst, mine.page_size, theirs.row_bytes,
                     (h_lo - theirs.heads[0]) * hb, length, regions.device,
                 )  # fmt: skip
-            writes = [(peer, local, pool.mem, remote, regions.mem, lo, int(src.size), False)]
+            writes = [_Write(peer, local, pool.mem, remote, regions.mem, lo, int(src.size), False)]
         if writes and last:
-            writes[-1] = (*writes[-1][:7], True)
+            writes[-1] = writes[-1]._replace(ends=True)
         if last and plan.aux_index is not None and info.aux_index is not None:
             slot = pool.aux_slot_bytes
             local_aux = np.array(
@@ -331,13 +341,14 @@ class PrefillSide:
                 [[regions.aux_base + info.aux_index * slot, slot, regions.aux_device]], np.uint64
             )
             if writes and pool.aux_mem == pool.mem and regions.aux_mem == regions.mem:
-                p, lrows, lmem, rrows, rmem, start, npages, ends = writes[-1]
-                writes[-1] = (p, np.vstack([lrows, local_aux]), lmem, np.vstack([rrows, remote_aux]), rmem,
-                              start, npages, ends)  # fmt: skip
+                w = writes[-1]
+                writes[-1] = w._replace(
+                    local=np.vstack([w.local, local_aux]), remote=np.vstack([w.remote, remote_aux])
+                )
             else:  # aux in another memory type (or no pages): its own WRITE, which ends the share
                 if writes:
-                    writes[-1] = (*writes[-1][:7], False)
-                writes.append((peer, local_aux, pool.aux_mem, remote_aux, regions.aux_mem, 0, 0, True))
+                    writes[-1] = writes[-1]._replace(ends=False)
+                writes.append(_Write(peer, local_aux, pool.aux_mem, remote_aux, regions.aux_mem, 0, 0, True))
         return writes
 
     def _staged_writes(self, peer: DecodePeer, info: TransferInfo, src: IntArray, lo: int) -> list[_Write]:
@@ -350,15 +361,14 @@ class PrefillSide:
         for c in range(lo // size, (lo + src.size - 1) // size + 1):
             j0, j1 = max(lo, c * size), min(lo + src.size, (c + 1) * size)
             part = src[j0 - lo : j1 - lo]
-            pages_in_chunk = min(size, total - c * size)
-            layer_units = pages_in_chunk * mine.kv_heads
+            layer_units = chunk_pages(total, size, c) * mine.kv_heads
             first = regions.staging_base + info.staging[c] * unit
             bases = [first + k * layer_units * unit for k in range(mine.layers)]
             slots = np.arange(j0 - c * size, j1 - c * size, dtype=np.int64)
             s_start, d_start, lengths = page_runs(part, slots)
             local = run_descriptors(pool.regions.bases, pool.page_bytes, s_start, lengths, pool.device)
             remote = run_descriptors(bases, pool.page_bytes, d_start, lengths, regions.device)
-            writes.append((peer, local, pool.mem, remote, regions.mem, j0, j1 - j0, False))
+            writes.append(_Write(peer, local, pool.mem, remote, regions.mem, j0, j1 - j0, False))
         return writes
 
     def _notify_end(self, room: Room, peer: DecodePeer, plan: SendPlan) -> bool:
@@ -599,7 +609,7 @@ class PrefillSide:
         if staging is not None:
             size, unit = f["chunk_pages"], self.m.pool.staging_unit_bytes
             for c, offset in enumerate(staging):
-                units = min(size, pages.size - c * size) * mine.kv_heads * mine.layers
+                units = chunk_pages(int(pages.size), size, c) * mine.kv_heads * mine.layers
                 if (offset + units) * unit > peer.regions.staging_bytes:
                     return f"room {f['room']}: staging chunk {c} lies outside decode's staging buffer"
             staging = tuple(staging)

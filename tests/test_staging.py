@@ -182,6 +182,7 @@ def test_prefetch_before_the_room_exists_is_adopted_or_expires(
     assert held == 2 * 2 * 3 * 2 and decode.snapshot()["early_prefetches"] == 1
     rx = KVReceiver(decode, addrs, 7)
     assert {"prefetch_requested", "prefetched_rooms"} <= decode.footprint(7)
+    assert decode.side.prefetched.get(7) == 3  # the page count it was prefetched for
     assert decode.snapshot()["early_prefetches"] == 0 and ring.used == held
     rx.init()
     rx.send_metadata([1, 2, 3])

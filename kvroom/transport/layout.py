@@ -25,7 +25,7 @@ import torch
 
 from kvroom.errors import IncompatiblePeerError
 
-__all__ = ["KVLayout", "KVPool", "Regions", "head_overlap"]
+__all__ = ["KVLayout", "KVPool", "Regions", "head_overlap", "range_overlap"]
 
 
 def _mem(t: torch.Tensor) -> tuple[str, int]:
@@ -120,10 +120,15 @@ def _int(value: Any) -> int:
     return value
 
 
+def range_overlap(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int] | None:
+    """The common part of two head ranges ``[lo, hi)``, or None."""
+    lo, hi = max(a[0], b[0]), min(a[1], b[1])
+    return (lo, hi) if lo < hi else None
+
+
 def head_overlap(a: KVLayout, b: KVLayout) -> tuple[int, int] | None:
     """The global heads ``[lo, hi)`` both ranks hold, or None."""
-    lo, hi = max(a.heads[0], b.heads[0]), min(a.heads[1], b.heads[1])
-    return (lo, hi) if lo < hi else None
+    return range_overlap(a.heads, b.heads)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,21 @@ import torch
 
 from kvroom.fsm.stores import KeyedStore
 
-__all__ = ["Reservation", "StagingRing", "StagingStore", "scatter_chunk"]
+__all__ = ["Reservation", "StagingRing", "StagingStore", "chunk_count", "chunk_pages", "scatter_chunk"]
+
+
+def chunk_count(pages: int, size: int) -> int:
+    """How many staging chunks of ``size`` pages a share of ``pages`` pages takes."""
+    return -(-pages // size)
+
+
+def chunk_pages(pages: int, size: int, chunk: int) -> int:
+    """Pages in staging chunk ``chunk`` of a ``pages``-page share (the last may be short).
+
+    A chunk's reservation holds ``[layers, chunk_pages, page_size, src_heads,
+    head_dim]``: prefill writes, and decode scatters, by this one rule.
+    """
+    return min(size, pages - chunk * size)
 
 
 @dataclass(frozen=True)
@@ -147,10 +161,10 @@ def scatter_chunk(
     """
     sample = dst_layers[0]
     page_size, head_dim = int(sample.shape[1]), int(sample.shape[3])
-    chunk_pages = res.units // (len(dst_layers) * src_heads)
+    pages = res.units // (len(dst_layers) * src_heads)
     start = res.offset * unit_bytes
     raw = staging[start : start + res.units * unit_bytes]
-    staged = raw.view(sample.dtype).view(len(dst_layers), chunk_pages, page_size, src_heads, head_dim)
+    staged = raw.view(sample.dtype).view(len(dst_layers), pages, page_size, src_heads, head_dim)
     n = int(dst_pages.numel())
     for layer, view in enumerate(dst_layers):
         view[dst_pages, :, dst_slice] = staged[layer, first : first + n, :, src_slice]
