@@ -116,6 +116,15 @@ def tp2_to_1() -> Iterator[tuple[list[KVManager], KVManager]]:
         m.close()
 
 
+def ready_senders(prefill: list[KVManager], room: int, pages: int, aux: int | None = None) -> list[KVSender]:
+    """One sender per prefill rank, each waited into WaitingForInput and given init()."""
+    senders = [KVSender(p, None, room) for p in prefill]
+    for tx in senders:
+        assert wait(lambda tx=tx: tx.poll() is KVPoll.WaitingForInput)  # type: ignore[misc]
+        tx.init(pages, aux_index=aux)
+    return senders
+
+
 def ring_of(decode: KVManager) -> StagingRing:
     ring: StagingRing = decode.side.ring
     return ring
@@ -139,11 +148,8 @@ def test_a_hundred_rooms_failing_while_holding_staging_leave_the_whole_ring(
     assert ring.used == 100 * 16
     for room in range(100):
         if room % 4:
-            txs.append((room, [KVSender(p, None, room) for p in prefill]))
+            txs.append((room, ready_senders(prefill, room, pages)))
     for room, senders in txs:
-        for tx in senders:
-            assert wait(lambda tx=tx: tx.poll() is KVPoll.WaitingForInput)  # type: ignore[misc]
-            tx.init(pages)
         if room % 4 == 2:
             senders[0].send([0])  # mid-transfer on one rank
     for room, rx in enumerate(rxs):
@@ -161,10 +167,8 @@ def test_a_hundred_rooms_failing_while_holding_staging_leave_the_whole_ring(
     rx = KVReceiver(decode, addrs, 1000)
     rx.init()
     rx.send_metadata([60, 61, 62], aux_index=1)
-    senders = [KVSender(p, None, 1000) for p in prefill]
+    senders = ready_senders(prefill, 1000, 3, aux=SRC_AUX)
     for tx in senders:
-        assert wait(lambda tx=tx: tx.poll() is KVPoll.WaitingForInput)  # type: ignore[misc]
-        tx.init(3, aux_index=SRC_AUX)
         tx.send([5, 9, 10])
     assert wait(lambda: rx.poll() is KVPoll.Success and all(t.poll() is KVPoll.Success for t in senders))
     assert holds(decode.pool, [60, 61, 62], [5, 9, 10])
@@ -186,10 +190,7 @@ def test_prefetch_before_the_room_exists_is_adopted_or_expires(
     assert decode.snapshot()["early_prefetches"] == 0 and ring.used == held
     rx.init()
     rx.send_metadata([1, 2, 3])
-    senders = [KVSender(p, None, 7) for p in prefill]
-    for tx in senders:
-        assert wait(lambda tx=tx: tx.poll() is KVPoll.WaitingForInput)  # type: ignore[misc]
-        tx.init(3)
+    for tx in ready_senders(prefill, 7, 3):
         tx.send([4, 5, 6])
     assert wait(lambda: rx.poll() is KVPoll.Success)
     assert holds(decode.pool, [1, 2, 3], [4, 5, 6])

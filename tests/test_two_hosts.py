@@ -131,20 +131,26 @@ def test_prefill_and_decode_on_two_hosts_survive_a_decode_kill(namespaces: tuple
     try:
         addr = prefill.read()["addr"]
         assert addr.startswith(PREFILL_IP), addr
-        a = Node(ns_d, veth_d, "decode", addr, *map(str, first))
-        nodes.append(a)
-        assert a.read()["ready"]
-        for room in first:
-            prefill.tell(f"go {room}")
-        got = results(a, len(first))
-        assert all(r["state"] == "Success" and r["verified"] and not r["footprint"] for r in got.values()), (
-            got
-        )
-        assert all(r["state"] == "Success" for r in results(prefill, len(first)).values())
 
-        b = Node(ns_d, veth_d, "decode", addr, *map(str, doomed))
-        nodes.append(b)
-        assert b.read()["ready"]
+        def decode(rooms: list[int]) -> Node:
+            node = Node(ns_d, veth_d, "decode", addr, *map(str, rooms))
+            nodes.append(node)
+            assert node.read()["ready"]
+            return node
+
+        def serve(rooms: list[int]) -> None:
+            """A new decode gets every room byte for byte, and prefill sees each succeed."""
+            node = decode(rooms)
+            for room in rooms:
+                prefill.tell(f"go {room}")
+            got = results(node, len(rooms))
+            assert all(
+                r["state"] == "Success" and r["verified"] and not r["footprint"] for r in got.values()
+            ), got
+            assert all(r["state"] == "Success" for r in results(prefill, len(rooms)).values())
+
+        serve(first)
+        b = decode(doomed)
         time.sleep(0.5)  # prefill has every page list: its rooms wait for our "go"
         b.kill()
         for room in doomed:
@@ -155,14 +161,7 @@ def test_prefill_and_decode_on_two_hosts_survive_a_decode_kill(namespaces: tuple
             lost
         )
 
-        c = Node(ns_d, veth_d, "decode", addr, *map(str, later))
-        nodes.append(c)
-        assert c.read()["ready"]
-        for room in later:
-            prefill.tell(f"go {room}")
-        got = results(c, len(later))
-        assert all(r["state"] == "Success" and r["verified"] for r in got.values()), got
-        assert all(r["state"] == "Success" for r in results(prefill, len(later)).values())
+        serve(later)
         assert prefill.proc.poll() is None, "prefill died"
         assert prefill.proc.stdin is not None
         prefill.proc.stdin.close()
