@@ -106,7 +106,13 @@ class KeyedStore(Store, Generic[V]):
                 keys.discard(key)
                 if not keys:
                     del self._by_room[room.id]
-            return value
+        if value is not None:
+            self.removed(value)
+        return value
+
+    def removed(self, value: V) -> None:
+        """Called once for every entry that leaves the store (pop or cleanup); a hook for
+        stores whose values hold a resource."""
 
     def get(self, key: tuple[Hashable, ...]) -> V | None:
         """The value held under ``key``, if any."""
@@ -124,7 +130,9 @@ class KeyedStore(Store, Generic[V]):
         if not keys:
             return False
         for key in keys:
-            self._data.pop(key, None)
+            value = self._data.pop(key, None)
+            if value is not None:
+                self.removed(value)
         return True
 
     def __len__(self) -> int:

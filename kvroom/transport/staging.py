@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bisect
 import threading
-from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -119,28 +118,17 @@ class StagingRing:
 class StagingStore(KeyedStore[Reservation]):
     """``prefetch_requested``: reservations keyed ``(room, chunk, session)``.
 
-    Every way out of the store (pop, the room's cleanup) gives the space back.
+    Every way out of the store (pop, the room's cleanup) gives the space back,
+    through the store's :meth:`~kvroom.fsm.stores.KeyedStore.removed` hook.
     """
 
     def __init__(self, name: str, ring: StagingRing) -> None:
         super().__init__(name)
         self.ring = ring
 
-    def pop(self, room: object, key: tuple[Hashable, ...]) -> Reservation | None:
-        res = super().pop(room, key)  # type: ignore[arg-type]
-        if res is not None:
-            self.ring.release(res)
-        return res
-
-    def discard_room(self, room_id: int) -> bool:
-        keys = self._by_room.pop(room_id, None)
-        if not keys:
-            return False
-        for key in keys:
-            res = self._data.pop(key, None)
-            if res is not None:
-                self.ring.release(res)
-        return True
+    def removed(self, value: Reservation) -> None:
+        """Give a reservation's space back to the ring."""
+        self.ring.release(value)
 
 
 def scatter_chunk(
