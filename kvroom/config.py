@@ -30,6 +30,16 @@ class ManagerConfig:
     transfer_mode: str = "auto"
     staging_chunk_pages: int = 16  # pages per staging reservation
 
+    @property
+    def stall_threshold(self) -> float:
+        """A worker pause at least this long may have made a peer declare us lost.
+
+        A peer declares us lost after ``heartbeat_timeout`` of silence; it last
+        heard us at most about one ``heartbeat_interval`` before our pause began,
+        and we allow one more interval for scheduling delay.
+        """
+        return max(self.heartbeat_interval, self.heartbeat_timeout - 2 * self.heartbeat_interval)
+
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ValueError("need 0 < heartbeat_interval < heartbeat_timeout")

@@ -33,6 +33,7 @@ from kvroom.errors import (
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
 from kvroom.prefill import Notif, parse_notif
+from kvroom.protocol import DecodeVerdict, Fire, Input, Msg
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlClient
 from kvroom.transport.descriptors import IntArray
@@ -68,7 +69,9 @@ class Source:
     staged: bool
     seen: set[int] = field(default_factory=set)  # notification sequence numbers arrived
     chunk_got: dict[int, int] = field(default_factory=dict)  # staged pages arrived per chunk
-    finished: bool = False
+    pages_got: int = 0
+    ended: bool = False  # its last notification arrived (others may still be on their way)
+    finished: bool = False  # ended, and every page it writes arrived: it can write no more
 
 
 @dataclass
@@ -82,17 +85,6 @@ class ReceivePlan:
     sent: bool = False
 
 
-@dataclass(frozen=True)
-class PendingFailure:
-    """A failure waiting for the sources in ``waiting`` to confirm nothing is in flight."""
-
-    event: Event
-    reason: str
-    since: float
-    waiting: frozenset[str]
-    error: BaseException | None = None
-
-
 class DecodeSide:
     """Everything the decode manager's worker does."""
 
@@ -100,7 +92,9 @@ class DecodeSide:
         self.m = manager
         table = manager.table
         self.plans: RoomStore[ReceivePlan] = table.register_store(RoomStore("receive_plans"))
-        self.pending_failures: RoomStore[PendingFailure] = table.register_store(RoomStore("pending_failures"))
+        self.verdicts: RoomStore[DecodeVerdict] = table.register_store(RoomStore("verdicts"))
+        # rooms failing once their sources confirm: since when (bounded by 2 x heartbeat timeout)
+        self.failing_since: RoomStore[float] = table.register_store(RoomStore("failing_since"))
         assert isinstance(table.prefetch_requested, StagingStore) and table.prefetched_rooms is not None
         self.staging: StagingStore = table.prefetch_requested
         self.prefetched: RoomStore[int] = table.prefetched_rooms
@@ -146,7 +140,9 @@ class DecodeSide:
             for room in waiting:
                 self.send_room(room)
         cfg = self.m.config
+        paused = self.m.stall.pause  # our own stall is not our peers' silence
         for peer in list(self.peers.values()):
+            peer.last_heard = max(peer.last_heard, min(now, peer.last_heard + paused))
             if now - peer.last_ping >= cfg.heartbeat_interval:
                 peer.client.send("ping")
                 peer.last_ping = now
@@ -158,20 +154,19 @@ class DecodeSide:
                 )
 
     def expire(self, now: float) -> None:
-        """Deadlines: fail at once where no write can land, else ask prefill first."""
+        """Deadlines, by the protocol table; failures whose confirmations are overdue."""
         table = self.m.table
         for room, state, reason in table.take_due(now):
-            if state is KVPoll.Bootstrapping:
-                table.fail_if_in(room, state, Event.TIMEOUT, now, reason)
-            else:
-                self.fail_after_confirm(room, Event.TIMEOUT, reason)
+            self.react(room, Input.DEADLINE, reason=reason, state=state)
         overdue = 2 * self.m.config.heartbeat_timeout
-        for room_id in self.pending_failures:  # only rooms waiting for a confirmation
-            pending = self.pending_failures.get(room_id)
+        for room_id in self.failing_since:  # only rooms waiting for a confirmation
+            since = self.failing_since.get(room_id)
             waiting = table.get(room_id)
-            if waiting is not None and pending is not None and now - pending.since > overdue:
-                reason = f"{pending.reason} (prefill did not confirm within {overdue:g} s)"
-                table.fire(waiting, pending.event, now, error=pending.error, reason=reason)
+            verdict = self.verdicts.get(room_id)
+            failure = verdict.overdue() if verdict is not None else None
+            if waiting is not None and since is not None and failure is not None and now - since > overdue:
+                reason = f"{failure.reason} (prefill did not confirm within {overdue:g} s)"
+                table.fire(waiting, failure.event, now, error=failure.error, reason=reason)
         with self._early_lock:
             stale = [r for r, (_, _, expiry) in self._early.items() if expiry < now]
             for room_id in stale:
@@ -308,7 +303,7 @@ class DecodeSide:
     def send_room(self, room: Room) -> None:
         """Worker: send the room's page list to every prefill rank once all are ready."""
         plan = self.plans.get(room.id)
-        if not room.live or plan is None or plan.sent:
+        if not room.live or plan is None or plan.sent or self._verdict(room) is None:
             return
         peers = []
         for address in room.peers:
@@ -349,7 +344,12 @@ class DecodeSide:
                 return
             plan.sources = sources
             plan.sent = True
-            room.chunks_needed = npages * sum(1 for s in sources.values() if s.heads is not None)
+            verdict = self.verdicts.get(room.id)
+            if verdict is not None:
+                verdict.sent = True
+                verdict.writers = frozenset(a for a, s in sources.items() if s.heads is not None)
+            # every page from every writing rank, then the coordinator's commit
+            room.chunks_needed = npages * len(verdict.writers if verdict else ()) + 1
         self.m.fire(room, Event.METADATA_SENT)
 
     def _sources(self, room: Room, peers: list[PrefillPeer]) -> dict[str, Source] | None:
@@ -413,55 +413,63 @@ class DecodeSide:
 
     def abort(self, room: Room, reason: str) -> None:
         """Worker: a local abort."""
-        self.fail_after_confirm(room, Event.ABORT, reason)
+        self.react(room, Input.LOCAL_ABORT, reason=reason)
 
-    def fail_after_confirm(
+    def _verdict(self, room: Room) -> DecodeVerdict | None:
+        """The room's protocol state, made on first use (None once the room is gone)."""
+        verdict = self.verdicts.get(room.id)
+        if verdict is None:
+            verdict = DecodeVerdict(room.id, room.peers)
+            if not self.verdicts.put(room, verdict):
+                return None
+        return verdict
+
+    def react(
         self,
         room: Room,
-        event: Event,
-        reason: str,
+        inp: Input,
+        rank: str | None = None,
+        *,
+        reason: str = "",
         error: BaseException | None = None,
-        confirmed: str | None = None,
+        state: KVPoll | None = None,
     ) -> None:
-        """Fail now if nothing can land, else ask every prefill rank and wait for the sources.
+        """Worker: feed one input to the room's protocol and carry out what it says.
 
-        ``confirmed``: a rank that already said nothing of it is in flight.
+        ``rank``: the prefill address it came from (None: this process).
+        ``state``: act only if the room is still in this state (deadlines).
         """
+        verdict = self._verdict(room)
+        if verdict is None:
+            return
+        with room.lock:
+            if not room.live or (state is not None and room.state is not state):
+                return
+            failing = verdict.waiting is not None
+            outcome = verdict.on(room.state, inp, rank, reason=reason, error=error)
+            if verdict.waiting is not None and not failing:
+                self.failing_since.put_locked(room, self.m.clock())
+        if outcome.unexpected is not None:
+            self.m.log.warning("kvroom.unexpected_input", room=room.id, detail=str(outcome.unexpected))
         now = self.m.clock()
-        plan = self.plans.get(room.id)
-        welcomed = self._welcomed(room)
-        waiting = frozenset(
-            p.address
-            for p in welcomed
-            if plan is not None and plan.sent and p.address != confirmed
-            and (src := plan.sources.get(p.address)) is not None and src.heads is not None
-        )  # fmt: skip
-        if not waiting:
-            fired = self.m.table.fire(room, event, now, error=error, reason=reason)
-        else:
-            fired = self.pending_failures.put(room, PendingFailure(event, reason, now, waiting, error))
-        if fired:  # tell every rank, so the room fails on all of them
-            for peer in welcomed:
-                if peer.address != confirmed:
-                    peer.client.send("abort", {"room": room.id, "reason": reason[:2000]})
+        for action in outcome.actions:
+            if isinstance(action, Fire):
+                self.m.table.fire(
+                    room, action.event, now, error=action.error, reason=action.reason or None,
+                    chunks=action.chunks,
+                )  # fmt: skip
+                continue
+            peer = self.peers.get(action.to)
+            if peer is None or peer.agent is None:
+                continue  # never greeted, or lost: it has nothing of the room
+            fields: dict[str, Any] = {"room": room.id}
+            if action.msg is Msg.ABORT:
+                fields["reason"] = action.reason[:2000]
+            peer.client.send(action.msg.value, fields)
 
     def _welcomed(self, room: Room) -> list[PrefillPeer]:
         """The room's prefill ranks that completed the handshake."""
         return [p for a in room.peers if (p := self.peers.get(a)) is not None and p.agent]
-
-    def _confirmed(self, room: Room, address: str, now: float) -> bool:
-        """``address`` can no longer write into a room with a pending failure; True if handled."""
-        pending = self.pending_failures.get(room.id)
-        if pending is None:
-            return False
-        waiting = pending.waiting - {address}
-        if waiting:
-            self.pending_failures.put(
-                room, PendingFailure(pending.event, pending.reason, pending.since, waiting, pending.error)
-            )
-        else:
-            self.m.table.fire(room, pending.event, now, error=pending.error, reason=pending.reason)
-        return True
 
     # -- inbound ------------------------------------------------------------------
 
@@ -473,14 +481,24 @@ class DecodeSide:
             self._on_welcome(peer, msg, now)
             return
         if msg.type == "reject":
-            error = IncompatiblePeerError(f"prefill at {peer.address} refused us: {msg.fields['reason']}")
-            self._drop_peer(peer, error, Event.TRANSPORT_ERROR, now)
+            refused = IncompatiblePeerError(f"prefill at {peer.address} refused us: {msg.fields['reason']}")
+            self._drop_peer(peer, refused, now)
             return
         if peer.agent is None:
             return  # nothing but welcome/reject before the handshake
         peer.last_heard = now
+        if msg.type == "unknown":  # it declared us lost (we were stalled, or it restarted)
+            error = PeerLostError(f"prefill at {peer.address} no longer knows this decode (declared it lost)")
+            self.peer_lost(peer, error, now)
+            return
+        room = self.m.table.get(msg.fields["room"]) if "room" in msg.fields else None
+        if room is None or peer.address not in room.peers:
+            return  # late word about a finished room, or not ours
         if msg.type == "failed":
-            self._on_failed(peer, msg, now)
+            reason = f"prefill failed the room: {msg.fields['reason']} (rank at {peer.address})"
+            self.react(room, Input.FAILED, peer.address, reason=reason, error=RemoteFailureError(reason))
+        elif msg.type == "commit":
+            self.react(room, Input.COMMIT, peer.address)
 
     def _on_welcome(self, peer: PrefillPeer, msg: Message, now: float) -> None:
         try:
@@ -494,13 +512,13 @@ class DecodeSide:
                 )
             name = self.m.agent.add_remote(msg.payload)
         except (ValueError, IncompatiblePeerError) as exc:
-            self._drop_peer(peer, IncompatiblePeerError(str(exc)), Event.TRANSPORT_ERROR, now)
+            self._drop_peer(peer, IncompatiblePeerError(str(exc)), now)
             return
         except Exception as exc:
             error = classify(exc, f"add_remote_agent for {peer.address}")
             if error is None:
                 raise
-            self._drop_peer(peer, error, Event.TRANSPORT_ERROR, now)
+            self._drop_peer(peer, error, now)
             return
         peer.agent = name
         peer.layout = layout
@@ -511,15 +529,6 @@ class DecodeSide:
             room = self.m.table.get(room_id)
             if room is not None:
                 self.send_room(room)
-
-    def _on_failed(self, peer: PrefillPeer, msg: Message, now: float) -> None:
-        room = self.m.table.get(msg.fields["room"])
-        if room is None or peer.address not in room.peers:
-            return
-        if not self._confirmed(room, peer.address, now):
-            reason = f"prefill failed the room: {msg.fields['reason']} (rank at {peer.address})"
-            error = RemoteFailureError(reason)
-            self.fail_after_confirm(room, Event.REMOTE_ABORT, reason, error, confirmed=peer.address)
 
     def _drain_notifications(self, now: float) -> None:
         try:
@@ -551,16 +560,22 @@ class DecodeSide:
             if n.start + n.npages > (plan.pages.size if src.heads is not None else 0):
                 return  # malformed: more pages than this rank may write
             src.seen.add(n.seq)
-            if n.last:
-                src.finished = True
+            src.pages_got += n.npages
+            src.ended = src.ended or n.last
+            writes = int(plan.pages.size) if src.heads is not None else 0
+            if src.ended and src.pages_got >= writes and not src.finished:
+                src.finished = True  # notifications can overtake each other: only now is it done
+                verdict = self.verdicts.get(room.id)
+                if verdict is not None:
+                    verdict.finished.add(peer.address)
             done = all(s.finished for s in plan.sources.values())  # every prefill rank ended
         if src.staged and n.npages:
             self._scatter(room, plan, src, peer.address, n)
         table.fire(room, Event.CHUNK_ARRIVED, now, chunks=n.npages, aux=done)
-        table.fire(room, Event.COMPLETE, now)
-        if room.state is KVPoll.Success:  # tell every prefill rank: its Success waits for all of ours
-            for other in self._welcomed(room):
-                other.client.send("done", {"room": room.id})
+        with room.lock:  # every page landed (and was scattered): vote; Success waits for the commit
+            all_in = done and room.chunks_done >= room.chunks_needed - 1
+        if all_in:
+            self.react(room, Input.ALL_DATA_IN)
 
     def _scatter(self, room: Room, plan: ReceivePlan, src: Source, address: str, n: Notif) -> None:
         """Copy a staged chunk's heads into the room's pages; free the chunk once whole."""
@@ -589,7 +604,7 @@ class DecodeSide:
         if got >= chunk_pages(int(plan.pages.size), size, chunk):
             self.staging.pop(room, (room.id, chunk, address))
 
-    def _drop_peer(self, peer: PrefillPeer, error: BaseException, event: Event, now: float) -> None:
+    def _drop_peer(self, peer: PrefillPeer, error: BaseException, now: float) -> None:
         if self.peers.get(peer.address) is not peer:
             return
         del self.peers[peer.address]
@@ -599,10 +614,9 @@ class DecodeSide:
         peer.client.close()
         self.m.log.warning("kvroom.peer_lost", peer=peer.address, reason=str(error))
         for room in self.m.table.live_rooms():
-            if peer.address in room.peers and not self._confirmed(room, peer.address, now):
-                # the peer is gone, so nothing more lands from it; wait for the other sources
-                self.fail_after_confirm(room, event, str(error), error, confirmed=peer.address)
+            if peer.address in room.peers:  # nothing more lands from it: the protocol decides
+                self.react(room, Input.PEER_LOST, peer.address, reason=str(error), error=error)
 
-    def peer_lost(self, peer: PrefillPeer, error: PeerLostError, now: float) -> None:
-        """Fail every room bound to ``peer``; a later room re-handshakes."""
-        self._drop_peer(peer, error, Event.PEER_LOST, now)
+    def peer_lost(self, peer: PrefillPeer, error: BaseException, now: float) -> None:
+        """Fail (by the protocol) every room bound to ``peer``; a later room re-handshakes."""
+        self._drop_peer(peer, error, now)

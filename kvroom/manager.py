@@ -47,6 +47,31 @@ __all__ = ["KVManager"]
 Command = Callable[[], None]
 
 
+class StallWatch:
+    """Measures the worker loop's own pauses (SIGSTOP, a long GC, a starved core).
+
+    The loop ticks every few milliseconds; a gap between two ticks longer than
+    ``interval`` is a pause of this process, and the sides must not count it as
+    their peers' silence.  ``pause`` is the pause measured at the latest tick
+    (0.0 when there was none).
+    """
+
+    def __init__(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.last = now
+        self.pause = 0.0
+        self.pauses = 0
+
+    def tick(self, now: float) -> float:
+        """Record a loop iteration at ``now``; returns the pause before it (0.0 if none)."""
+        gap = now - self.last
+        self.last = now
+        self.pause = gap if gap > self.interval else 0.0
+        if self.pause:
+            self.pauses += 1
+        return self.pause
+
+
 class KVManager:
     """Owns the NIXL agent, the control plane and the room table of one role.
 
@@ -97,6 +122,7 @@ class KVManager:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
+        self.stall = StallWatch(self.config.heartbeat_interval, clock())
         self._fatal: BaseException | None = None
         self._ctx: zmq.Context[Any] = zmq.Context()
         self.agent = NixlAgent(self.agent_name, pool, self.config.backends)
@@ -192,6 +218,8 @@ class KVManager:
                 while self._commands:
                     self._commands.popleft()()
                 now = self.clock()
+                if self.stall.tick(now):
+                    self.log.warning("kvroom.worker_stalled", seconds=round(self.stall.pause, 3))
                 self.side.step(ready, now)
                 self.side.expire(now)
         except BaseException as exc:  # a bug: fail every room with it, re-raise on next API call

@@ -30,6 +30,7 @@ import zmq
 from kvroom.errors import IncompatiblePeerError, PeerLostError, ProtocolError, RemoteFailureError
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
+from kvroom.protocol import Fire, Input, PrefillVerdict
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlServer
 from kvroom.transport.descriptors import IntArray, page_runs, row_descriptors, run_descriptors, validate_pages
@@ -138,6 +139,8 @@ class PrefillSide:
         self.handles: RoomStore[list[Transfer]] = table.register_store(RoomStore("xfer_handles"))
         # required_dst_info_num a sender declared (else decode's rank count decides)
         self.dst_counts: RoomStore[int] = table.register_store(RoomStore("dst_info_nums"))
+        self.verdicts: RoomStore[PrefillVerdict] = table.register_store(RoomStore("verdicts"))
+        self.coordinator = manager.pool.layout.tp_rank == 0  # prefill rank 0 decides every room's verdict
         self.peers: dict[bytes, DecodePeer] = {}
         self.by_agent: dict[str, DecodePeer] = {}
         # room id -> [(identity, message, arrival)]: info for rooms not created yet
@@ -161,6 +164,15 @@ class PrefillSide:
 
     def step(self, ready: dict[Any, int], now: float) -> None:
         """Handle messages, poll transfers, send heartbeat verdicts."""
+        cfg = self.m.config  # first, before any NIXL progress: a stall changes whom we trust
+        paused = self.m.stall.pause  # our own stall is not our peers' silence
+        if paused:
+            for peer in self.peers.values():
+                peer.last_seen = max(peer.last_seen, min(now, peer.last_seen + paused))
+        if paused >= cfg.stall_threshold:  # a decode rank may have given up on us: trust none
+            reason = f"this prefill stalled for {paused:.1f} s; its decode peers may have declared it lost"
+            for peer in list(self.peers.values()):
+                self.peer_lost(peer, PeerLostError(reason), now)
         for _ in range(256):
             got = self.server.recv()
             if got is None:
@@ -175,15 +187,17 @@ class PrefillSide:
                 raise
         if self.draining:
             self._poll_draining()
-        timeout = self.m.config.heartbeat_timeout
+        cfg = self.m.config
+        timeout = cfg.heartbeat_timeout
         for peer in [p for p in self.peers.values() if now - p.last_seen > timeout]:
             self.peer_lost(
                 peer, PeerLostError(f"decode {peer.agent} silent for {now - peer.last_seen:.1f} s"), now
             )
 
     def expire(self, now: float) -> None:
-        """Room deadlines, and the age limits of pending info and tombstones."""
-        self.m.table.expire(now)
+        """Room deadlines (by the protocol table), and the age limits of pending info and tombstones."""
+        for room, state, reason in self.m.table.take_due(now):
+            self.react(room, Input.DEADLINE, reason=reason, state=state)
         while self.pending:
             room_id, entries = next(iter(self.pending.items()))
             if now - entries[0][2] <= self.m.config.pending_ttl:
@@ -202,6 +216,7 @@ class PrefillSide:
             "pending_infos": len(self.pending),
             "in_flight": len(self.active),
             "draining_rooms": len(self.draining),
+            "tombstones": len(self.tombstones),
         }
 
     def close(self) -> None:
@@ -219,7 +234,17 @@ class PrefillSide:
             self._on_message(identity, msg, self.m.clock())
 
     def on_transition(self, record: TransitionRecord) -> None:
-        """Observer hook (room lock held): a failed room must notify its decode ranks."""
+        """Observer hook (room lock held): tell the decode ranks the verdict.
+
+        The coordinator's Success is the commit; any rank's Failed is told once
+        none of its WRITEs can still land.
+        """
+        if record.dst is KVPoll.Success and self.coordinator and record.src is not KVPoll.Success:
+            room = self.m.table.get(record.room)
+            if room is not None:
+                peers = room.peers
+                self.m.enqueue(lambda: self._send_commit(record.room, peers))
+            return
         if record.dst is not KVPoll.Failed:
             return
         room = self.m.table.get(record.room)
@@ -228,13 +253,23 @@ class PrefillSide:
         reason = record.reason or "failed on prefill"
         self.m.enqueue(lambda: self._after_failure(record.room, peers, reason, transfers))
 
+    def _send_commit(self, room_id: int, peers: tuple[str, ...]) -> None:
+        for agent in peers:
+            peer = self.by_agent.get(agent)
+            if peer is not None:
+                self.server.send(peer.identity, "commit", {"room": room_id})
+
+    def _tombstone(self, room_id: int, reason: str, now: float) -> None:
+        """Remember a failed or aborted room id, bounded by age and count (``pending_limit``)."""
+        self.tombstones[room_id] = (reason, now + self.m.config.pending_ttl)
+        self.tombstones.move_to_end(room_id)
+        while len(self.tombstones) > self.m.config.pending_limit:
+            self.tombstones.popitem(last=False)
+
     def _after_failure(
         self, room_id: int, peers: tuple[str, ...], reason: str, transfers: list[Transfer]
     ) -> None:
-        now = self.m.clock()
-        self.tombstones[room_id] = (reason, now + self.m.config.pending_ttl)
-        while len(self.tombstones) > self.m.config.pending_limit:
-            self.tombstones.popitem(last=False)
+        self._tombstone(room_id, reason, self.m.clock())
         peers = tuple(p for p in peers if p in self.by_agent)  # a lost peer needs no word
         if not peers:
             return
@@ -275,9 +310,13 @@ class PrefillSide:
             writes.extend(mine)
             if last and not mine:
                 ends.append(peer)
-        if last:  # Success also needs every decode rank's "done": count them before any can come
+        if last:  # Success also waits for the votes (coordinator) or the relayed commit: count first
+            verdict = self._verdict(room)
+            if verdict is None:
+                return
             with room.lock:
-                room.chunks_needed += len(infos)
+                room.chunks_needed += verdict.needed(len(infos))
+            self.react(room, Input.DELIVERED)
         for peer in ends:
             if not self._notify_end(room, peer, plan):
                 return
@@ -410,6 +449,48 @@ class PrefillSide:
                 room.chunks_needed += 1
         return transfer, state
 
+    def _verdict(self, room: Room) -> PrefillVerdict | None:
+        """The room's protocol state, made on first use (None once the room is gone)."""
+        verdict = self.verdicts.get(room.id)
+        if verdict is None:
+            verdict = PrefillVerdict(room.id, self.coordinator)
+            if not self.verdicts.put(room, verdict):
+                return None
+        return verdict
+
+    def react(
+        self,
+        room: Room,
+        inp: Input,
+        rank: str | None = None,
+        *,
+        reason: str = "",
+        error: BaseException | None = None,
+        ranks_left: int = 1,
+        state: KVPoll | None = None,
+    ) -> None:
+        """Feed one input to the room's protocol and fire what it says (any thread).
+
+        ``rank``: the decode agent it came from (None: this process).
+        ``state``: act only if the room is still in this state (deadlines).
+        """
+        verdict = self._verdict(room)
+        if verdict is None:
+            return
+        with room.lock:
+            if not room.live or (state is not None and room.state is not state):
+                return
+            outcome = verdict.on(room.state, inp, rank, reason=reason, error=error, ranks_left=ranks_left)
+        if outcome.unexpected is not None:
+            self.m.log.warning("kvroom.unexpected_input", room=room.id, detail=str(outcome.unexpected))
+        now = self.m.clock()
+        for action in outcome.actions:
+            if isinstance(action, Fire):  # a prefill verdict only ever fires room events
+                self.m.table.fire(
+                    room, action.event, now, error=action.error, reason=action.reason or None,
+                    chunks=action.chunks,
+                )  # fmt: skip
+
     def _done(self, transfer: Transfer) -> None:
         self.m.agent.release(transfer)
         room = self.m.table.get(transfer.room)
@@ -423,7 +504,7 @@ class PrefillSide:
         if isinstance(error, PeerLostError):
             self.peer_lost(peer, error, now)
         elif room is not None:
-            self.m.table.fire(room, Event.TRANSPORT_ERROR, now, error=error)
+            self.react(room, Input.WRITE_ERROR, peer.agent, reason=str(error), error=error)
 
     def _poll_transfers(self, now: float) -> None:
         still = []
@@ -462,7 +543,8 @@ class PrefillSide:
         self.m.log.warning("kvroom.peer_lost", peer=peer.agent, reason=str(error))
         for room in self.m.table.live_rooms():
             if peer.agent in room.peers:
-                self.m.table.fire(room, Event.PEER_LOST, now, error=error)
+                left = sum(1 for a in room.peers if a in self.by_agent)
+                self.react(room, Input.PEER_LOST, peer.agent, reason=str(error), error=error, ranks_left=left)
         for t in self.active:
             if t.peer == peer.agent:
                 self.m.agent.release(t)
@@ -490,8 +572,9 @@ class PrefillSide:
         if msg.type == "hello":
             self._on_hello(identity, msg, now)
             return
-        if peer is None:
-            return  # room traffic only from peers that completed the handshake
+        if peer is None:  # room traffic only from peers that completed the handshake
+            self.server.send(identity, "unknown")  # e.g. one we declared lost while it was stalled
+            return
         peer.last_seen = now
         if msg.type == "ping":
             self.server.send(identity, "pong")
@@ -499,10 +582,10 @@ class PrefillSide:
             self._on_room(peer, identity, msg, now)
         elif msg.type == "abort":
             self._on_abort(peer, msg, now)
-        elif msg.type == "done":
+        elif msg.type in ("ready", "commit"):
             room = self.m.table.get(msg.fields["room"])
             if room is not None and peer.agent in room.peers:
-                self.m.table.fire(room, Event.COMPLETE, now, chunks=1)
+                self.react(room, Input.READY if msg.type == "ready" else Input.COMMIT, peer.agent)
 
     def _on_hello(self, identity: bytes, msg: Message, now: float) -> None:
         agent = msg.fields["agent"]
@@ -639,14 +722,16 @@ class PrefillSide:
     def _on_abort(self, peer: DecodePeer, msg: Message, now: float) -> None:
         room_id, reason = msg.fields["room"], f"aborted by decode: {msg.fields['reason']}"
         room = self.m.table.get(room_id)
-        if room is not None and peer.agent in room.peers:
-            self.m.table.fire(room, Event.REMOTE_ABORT, now, error=RemoteFailureError(reason))
-            return  # the failure notice follows once nothing is in flight
-        if room is not None:  # its info never came: fail the room, it can't complete now
-            self.m.table.fire(room, Event.REMOTE_ABORT, now, error=RemoteFailureError(reason))
+        if room is not None:  # the failure notice follows once nothing is in flight
+            self.react(room, Input.ABORT, peer.agent, reason=reason, error=RemoteFailureError(reason))
+            if peer.agent in room.peers:
+                return
         else:
+            draining = self.draining.get(room_id)
+            if draining is not None and peer.agent in draining[0]:
+                return  # failed already: its FAILED follows once no WRITE of it can land
             entries = [e for e in self.pending.pop(room_id, []) if e[0] != peer.identity]
             if entries:
                 self.pending[room_id] = entries
-            self.tombstones[room_id] = (reason, now + self.m.config.pending_ttl)
+            self._tombstone(room_id, reason, now)
         self._send_failed(peer.identity, room_id, reason)

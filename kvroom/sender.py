@@ -9,6 +9,7 @@ from kvroom.fsm import Event, KVPoll, Role
 from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
 from kvroom.prefill import PrefillSide, SendPlan
+from kvroom.protocol import Input
 from kvroom.transport.descriptors import validate_pages
 
 __all__ = ["KVSender"]
@@ -102,5 +103,10 @@ class KVSender(RoomHandle):
         self.manager.submit(lambda: self._side.post_chunk(room, pages, offset, last))
 
     def abort(self, reason: str = "aborted by prefill scheduler") -> None:
-        """Fail the room now; decode is told once nothing is in flight."""
-        self.manager.fire(self.room, Event.ABORT, reason=reason)
+        """Fail the room now; decode is told once nothing is in flight.
+
+        On a prefill rank other than rank 0 whose share was already posted, the
+        room's verdict belongs to rank 0 (abort every rank, as TP schedulers do):
+        this rank then waits for it instead of failing on its own.
+        """
+        self._side.react(self.room, Input.LOCAL_ABORT, reason=reason)

@@ -284,7 +284,8 @@ def test_room_traffic_before_the_handshake_is_ignored(env: tuple[KVManager, KVMa
     try:
         sock.send_multipart(encode("room", fields, b"\0" * 8))
         sock.send_multipart(encode("abort", {"room": 100, "reason": "forged"}))
-        sock.send_multipart(encode("done", {"room": 100}))
+        sock.send_multipart(encode("ready", {"room": 100}))
+        sock.send_multipart(encode("commit", {"room": 100}))
         assert_alive_and_unchanged(p, before)
         assert p.table.get(555) is None
     finally:
@@ -297,12 +298,14 @@ def test_unknown_room_in_control_messages_creates_nothing(env: tuple[KVManager, 
 
     def forge() -> None:
         peer.client.send("abort", {"room": 777, "reason": "no such room"})
-        peer.client.send("done", {"room": 778})
+        peer.client.send("ready", {"room": 778})
+        peer.client.send("commit", {"room": 779})
 
     d.submit(forge)
     assert wait(lambda: p.side.tombstones.get(777) is not None)
     assert p.table.get(777) is None and p.table.get(778) is None and d.table.get(777) is None
-    assert p.footprint(777) == p.footprint(778) == frozenset()
+    assert p.table.get(779) is None
+    assert p.footprint(777) == p.footprint(778) == p.footprint(779) == frozenset()
 
 
 # -- peers ---------------------------------------------------------------------------------

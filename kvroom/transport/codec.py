@@ -15,7 +15,7 @@ from kvroom.errors import ProtocolError
 
 __all__ = ["MAGIC", "VERSION", "Message", "encode", "decode", "SCHEMA", "MAX_HEADER_BYTES"]
 
-VERSION = 2
+VERSION = 3  # 3: the commit round trip (ready / commit / unknown replace done)
 MAGIC = b"KVR" + bytes([VERSION])
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -44,9 +44,11 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
     ),
     "abort": ({"room": _INT, "reason": _STR}, "none"),
     "failed": ({"room": _INT, "reason": _STR}, "none"),
-    "done": ({"room": _INT}, "none"),  # decode: the room succeeded here
+    "ready": ({"room": _INT}, "none"),  # decode -> coordinator: every byte is in place (the vote)
+    "commit": ({"room": _INT}, "none"),  # coordinator -> decode: Success; decode -> other prefill ranks
     "ping": ({}, "none"),
     "pong": ({}, "none"),
+    "unknown": ({}, "none"),  # prefill -> decode: you are not (or no longer) a peer of mine
 }
 
 
@@ -126,5 +128,5 @@ def _check(message: Message, header_len: int) -> None:
                 raise ProtocolError(f"room: {len(staging)} staging chunks for {npages} pages of {chunk}")
             if any(isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in staging):
                 raise ProtocolError("room: staging offsets must be non-negative ints")
-    if message.type in ("abort", "failed", "done") and not 0 <= message.fields["room"] < 2**64:
+    if message.type in ("abort", "failed", "ready", "commit") and not 0 <= message.fields["room"] < 2**64:
         raise ProtocolError(f"{message.type}: room id out of range")
