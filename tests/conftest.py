@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,3 +41,42 @@ def assert_clean(cluster: Cluster) -> None:
         assert not node.errors, f"{node.name}: {node.errors[0]}"
         if node.final is not None:
             assert not node.final["unexpected"], node.final["unexpected"][:3]
+
+
+class LagMeter:
+    """Measures how late this machine wakes a sleeping thread while a test runs.
+
+    Timing assertions compare against configured deadlines plus a slack derived
+    from what was observed, so a loaded machine stretches the bound and a quiet
+    one keeps it tight: ``bound(x)`` is ``x`` plus four times the worst delay.
+    """
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.period = period
+        self.worst = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lag-meter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.monotonic()
+            time.sleep(self.period)
+            self.worst = max(self.worst, time.monotonic() - start - self.period)
+
+    def bound(self, seconds: float) -> float:
+        """``seconds`` plus the slack the observed scheduling delay calls for."""
+        return seconds + 4 * self.worst
+
+    def close(self) -> None:
+        """Stop measuring."""
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+def lag() -> Iterator[LagMeter]:
+    """A :class:`LagMeter` running for the whole test."""
+    meter = LagMeter()
+    yield meter
+    meter.close()

@@ -211,6 +211,15 @@ class Rank:
             self.proc.kill()
         self.proc.join(10)
 
+    def pause(self) -> float:
+        """SIGSTOP the process; returns when it was stopped (monotonic)."""
+        os.kill(self.proc.pid or 0, signal.SIGSTOP)
+        return time.monotonic()
+
+    def resume(self) -> None:
+        """SIGCONT the process."""
+        os.kill(self.proc.pid or 0, signal.SIGCONT)
+
     def alive(self) -> bool:
         """True while the process runs."""
         return self.proc.is_alive()

@@ -1,0 +1,139 @@
+"""Stopped processes (SIGSTOP / SIGCONT) with real NIXL: both sides agree, nobody blames a peer
+for its own pause, and the pair serves new rooms afterwards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import TRANSPORTS
+from tests.ranks import Rank
+
+pytestmark = pytest.mark.slow
+
+SRC = list(range(13))
+ROOMS_PER_ROUND = 4
+
+
+def dst(k: int) -> list[int]:
+    """Decode pages of the k-th room of a round (4 rooms x 13 pages fit the 64-page pools)."""
+    return list(range(13 * k, 13 * k + 13))
+
+
+@pytest.fixture(params=list(TRANSPORTS))
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[Rank, Rank]]:
+    env = TRANSPORTS[request.param]
+    prefill, decode = Rank("prefill", env), Rank("decode", env)
+    yield prefill, decode
+    for rank in (prefill, decode):
+        rank.kill()
+        assert not rank.alive(), f"{rank.name} outlived its test"
+
+
+def open_rooms(prefill: Rank, decode: Rank, addr: str, rooms: list[int]) -> None:
+    """Rooms with the first chunk sent: every one of them is mid-transfer."""
+    for k, room in enumerate(rooms):
+        decode.call("receiver", room, [addr], dst(k), aux=1)
+    for room in rooms:
+        prefill.call("sender", room)
+    assert prefill.call("wait", rooms, ["WaitingForInput"], 20) == dict.fromkeys(rooms, "WaitingForInput")
+    for room in rooms:
+        prefill.call("init", room, len(SRC), aux=0)
+        prefill.call("send", room, SRC[:6])
+
+
+def finish(rank: Rank, rooms: list[int], timeout: float) -> dict[int, str]:
+    got = rank.call("wait", rooms, ["Success", "Failed"], timeout)
+    assert set(got.values()) <= {"Success", "Failed"}, (rank.name, got)
+    return got
+
+
+def serves_new_rooms(prefill: Rank, decode: Rank, addr: str, first: int) -> None:
+    """After the trouble, the same two processes move a room byte for byte."""
+    rooms = [first, first + 1]
+    open_rooms(prefill, decode, addr, rooms)
+    for room in rooms:
+        prefill.call("send", room, SRC[6:])
+    assert finish(prefill, rooms, 30) == dict.fromkeys(rooms, "Success")
+    assert finish(decode, rooms, 30) == dict.fromkeys(rooms, "Success")
+    for k, room in enumerate(rooms):
+        assert decode.call("holds", dst(k), SRC)
+        for rank in (prefill, decode):
+            rank.call("clear", room)
+            assert rank.call("footprint", room) == []
+
+
+def test_decode_stopped_past_prefills_deadline_fails_every_room_on_both_sides(
+    pair: tuple[Rank, Rank],
+) -> None:
+    prefill, decode = pair
+    # prefill's Transferring deadline is short; heartbeats are far off: only deadlines act
+    addr = prefill.call("start", "prefill", 0, 1, deadlines=(10.0, 20.0, 0.5), heartbeat_timeout=30.0)
+    decode.call("start", "decode", 0, 1, deadlines=(10.0, 30.0, 30.0), heartbeat_timeout=30.0)
+    for round_ in range(20):
+        rooms = [1000 * round_ + k for k in range(ROOMS_PER_ROUND)]
+        open_rooms(prefill, decode, addr, rooms)
+        decode.pause()
+        try:
+            for room in rooms:  # the rest lands (or waits in the socket) while decode is stopped
+                prefill.call("send", room, SRC[6:])
+            verdicts = finish(prefill, rooms, 20)
+        finally:
+            decode.resume()
+        assert verdicts == dict.fromkeys(rooms, "Failed"), (round_, verdicts)
+        assert all("Transferring deadline" in prefill.call("failure", r) for r in rooms)
+        # decode saw every byte land, yet it agrees: the coordinator never committed
+        assert finish(decode, rooms, 20) == dict.fromkeys(rooms, "Failed"), round_
+        for room in rooms:
+            assert prefill.call("footprint", room) == decode.call("footprint", room) == []
+    snap = decode.call("snapshot")
+    assert snap["staging_free"] == snap["staging_capacity"]
+    serves_new_rooms(prefill, decode, addr, 99_000)
+
+
+def test_decode_stopped_past_the_heartbeat_timeout_blames_itself_not_prefill(
+    pair: tuple[Rank, Rank],
+) -> None:
+    prefill, decode = pair
+    beat = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
+    addr = prefill.call("start", "prefill", 0, 1, deadlines=(10.0, 20.0, 20.0), **beat)
+    decode.call("start", "decode", 0, 1, deadlines=(10.0, 20.0, 20.0), **beat)
+    rooms = [1, 2, 3]
+    open_rooms(prefill, decode, addr, rooms)
+    decode.pause()
+    try:  # prefill gives up on the silent decode after its heartbeat timeout
+        assert finish(prefill, rooms, 20) == dict.fromkeys(rooms, "Failed")
+    finally:
+        decode.resume()
+    assert all(prefill.call("failure", r).startswith("PeerLostError") for r in rooms)
+    assert finish(decode, rooms, 20) == dict.fromkeys(rooms, "Failed")
+    for room in rooms:
+        reason = decode.call("failure", room)
+        # decode learned it was forgotten; it did not call prefill silent for its own pause
+        assert "no longer knows this decode" in reason, reason
+        assert "went silent" not in reason
+    serves_new_rooms(prefill, decode, addr, 10)
+
+
+def test_prefill_stopped_past_the_heartbeat_timeout_forgets_its_peers_and_serves_again(
+    pair: tuple[Rank, Rank],
+) -> None:
+    prefill, decode = pair
+    beat = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
+    addr = prefill.call("start", "prefill", 0, 1, deadlines=(10.0, 20.0, 20.0), **beat)
+    decode.call("start", "decode", 0, 1, deadlines=(10.0, 20.0, 20.0), **beat)
+    rooms = [1, 2, 3]
+    open_rooms(prefill, decode, addr, rooms)
+    prefill.pause()
+    try:  # decode declares the silent prefill lost
+        assert finish(decode, rooms, 20) == dict.fromkeys(rooms, "Failed")
+    finally:
+        prefill.resume()
+    assert all(decode.call("failure", r).startswith("PeerLostError") for r in rooms)
+    assert finish(prefill, rooms, 20) == dict.fromkeys(rooms, "Failed")
+    for room in rooms:
+        reason = prefill.call("failure", room)
+        assert "stalled" in reason, reason  # it knew the pause was its own
+        assert prefill.call("footprint", room) == []
+    serves_new_rooms(prefill, decode, addr, 10)
