@@ -1,0 +1,76 @@
+"""Registered regions: validation naming the region, torch tensors, the handshake dicts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from kvroom.transport.regions import Region, RegionPool
+
+
+def region(name: str = "k.0", addr: int = 0x1000, length: int = 256, item: int = 64, **kw: Any) -> Region:
+    return Region(name, addr, length, item, **kw)
+
+
+def test_a_region_counts_its_items() -> None:
+    r = region()
+    assert (r.items, r.end, r.mem, r.device) == (4, 0x1100, "DRAM", 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"length": 0}, "region 'k.0': zero length"),
+        ({"length": 100}, "region 'k.0': length 100 is not a multiple of its item size 64"),
+        ({"item": 0}, "region 'k.0': item size must be positive"),
+        ({"mem": "HBM"}, "region 'k.0': memory kind must be one of"),
+        ({"addr": -1}, "region 'k.0': negative address"),
+        ({"name": ""}, "non-empty name"),
+        ({"length": 2.5}, "region 'k.0': length must be an int"),
+    ],
+)
+def test_bad_regions_are_refused_naming_the_region(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        region(**kwargs)
+
+
+def test_overlapping_regions_are_refused_naming_both() -> None:
+    with pytest.raises(ValueError, match=r"region 'v.0' \[0x10c0, 0x11c0\) overlaps region 'k.0'"):
+        RegionPool(kv=(region(), region("v.0", addr=0x10C0)))
+
+
+def test_the_same_addresses_on_other_memory_do_not_overlap() -> None:
+    pool = RegionPool(kv=(region(), region("v.0", mem="VRAM"), region("w.0", mem="VRAM", device=1)))
+    assert len(pool) == 3
+
+
+def test_duplicate_names_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"region 'k\.0' is named twice"):
+        RegionPool(kv=(region(),), aux=(region(addr=0x9000),))
+
+
+def test_pools_round_trip_through_dicts_and_refuse_malformed_ones() -> None:
+    pool = RegionPool(kv=(region(), region("v.0", addr=0x2000)), aux=(region("ids", 0x3000, 40, 8),))
+    assert RegionPool.from_dict(pool.to_dict()) == pool
+    assert pool.role_of("ids") == "aux" and set(pool.by_name()) == {"k.0", "v.0", "ids"}
+    with pytest.raises(ValueError, match="malformed region"):
+        RegionPool.from_dict({"kv": [{"name": "k.0"}]})
+    with pytest.raises(ValueError, match="expected roles"):
+        RegionPool.from_dict({"gpu": []})
+    with pytest.raises(ValueError, match="zero length"):
+        RegionPool.from_dict({"kv": [{**region().to_dict(), "length": 0}]})
+
+
+def test_cpu_tensors_are_dram_regions_of_their_first_dimension() -> None:
+    k = torch.zeros(6, 4, 2, 8, dtype=torch.bfloat16)
+    ids = torch.zeros(3, 2, dtype=torch.int64)
+    pool = RegionPool.from_tensors({"k.0": k}, aux={"ids": ids})
+    (kr,), (ir,) = pool.kv, pool.aux
+    assert (kr.addr, kr.length, kr.item_bytes, kr.items, kr.mem) == (k.data_ptr(), 6 * 128, 128, 6, "DRAM")
+    assert (ir.item_bytes, ir.items) == (16, 3)
+    with pytest.raises(ValueError, match=r"region 'k\.1': tensor is not contiguous"):
+        RegionPool.from_tensors({"k.1": k.transpose(1, 2)})
+    with pytest.raises(ValueError, match="region 'e'"):
+        RegionPool.from_tensors({"e": torch.zeros(0, 4)})
