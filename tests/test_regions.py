@@ -7,6 +7,14 @@ from typing import Any
 import pytest
 import torch
 
+from kvroom.planning import (
+    ModelLayout,
+    RankLayout,
+    RankRegions,
+    attention_buffers,
+    aux_buffers,
+    synthetic_pool,
+)
 from kvroom.transport.regions import Region, RegionPool
 
 
@@ -74,3 +82,32 @@ def test_cpu_tensors_are_dram_regions_of_their_first_dimension() -> None:
         RegionPool.from_tensors({"k.1": k.transpose(1, 2)})
     with pytest.raises(ValueError, match="region 'e'"):
         RegionPool.from_tensors({"e": torch.zeros(0, 4)})
+
+
+def layout(tp: int = 1, rank: int = 0) -> RankLayout:
+    model = ModelLayout(2, 4, attention_buffers(range(2), 4, 4, 8, "bfloat16") + aux_buffers({"ids": 16}))
+    return RankLayout(model, rank, tp)
+
+
+def test_binding_checks_the_pool_against_the_layout() -> None:
+    lay = layout(tp=2, rank=1)
+    pool = synthetic_pool(lay, {"kv": 5, "aux": 3})
+    bound = RankRegions(lay, pool)
+    assert bound.regions["k.1"].item_bytes == 4 * 2 * 8 * 2
+    with pytest.raises(ValueError, match=r"region 'v\.1': the layout needs it, the pool lacks it"):
+        RankRegions(lay, RegionPool(tuple(r for r in pool.kv if r.name != "v.1"), pool.aux))
+    with pytest.raises(
+        ValueError, match=r"region 'k.0': item size 256, the layout says 128 \(tp rank 1 of 2\)"
+    ):
+        RankRegions(lay, synthetic_pool(layout(), {"kv": 5, "aux": 3}))
+    with pytest.raises(ValueError, match="region 'ids': registered as kv, the layout says aux"):
+        RankRegions(lay, RegionPool(pool.kv + pool.aux))
+
+
+def test_torch_pools_bind_like_raw_ones() -> None:
+    lay = layout(tp=2, rank=0)
+    tensors = {f"{n}.{x}": torch.zeros(5, 4, 2, 8, dtype=torch.bfloat16) for n in "kv" for x in range(2)}
+    bound = RankRegions(
+        lay, RegionPool.from_tensors(tensors, aux={"ids": torch.zeros(3, 16, dtype=torch.uint8)})
+    )
+    assert RankRegions.from_dict(bound.to_dict()) == bound

@@ -1,0 +1,46 @@
+"""Planning: layouts + page lists + state indices -> WRITE descriptor arrays (pure, no NIXL).
+
+* :mod:`~kvroom.planning.layout`: the model's logical buffers and one rank's share of them.
+* :mod:`~kvroom.planning.ranks`: a rank's layout bound to its registered regions (the handshake).
+* :mod:`~kvroom.planning.assign`: which source rank writes which heads and layers of a destination.
+* :mod:`~kvroom.planning.plan`: the descriptor rows of one chunk for one (source, destination) pair.
+"""
+
+from kvroom.planning.assign import Assignment, assign, for_source, writing_sources
+from kvroom.planning.layout import (
+    DTYPE_BYTES,
+    Buffer,
+    ModelLayout,
+    RankLayout,
+    Section,
+    attention_buffers,
+    aux_buffers,
+    pp_layers,
+    tp_heads,
+)
+from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk, item_spans, plan_writes
+from kvroom.planning.ranks import RankRegions, synthetic_pool
+
+__all__ = [
+    "DTYPE_BYTES",
+    "Assignment",
+    "Buffer",
+    "ChunkIndices",
+    "ModelLayout",
+    "RankLayout",
+    "RankRegions",
+    "Section",
+    "WritePart",
+    "WritePlan",
+    "align_chunk",
+    "assign",
+    "attention_buffers",
+    "aux_buffers",
+    "for_source",
+    "item_spans",
+    "plan_writes",
+    "pp_layers",
+    "synthetic_pool",
+    "tp_heads",
+    "writing_sources",
+]
