@@ -4,6 +4,7 @@
 * :mod:`~kvroom.planning.ranks`: a rank's layout bound to its registered regions (the handshake).
 * :mod:`~kvroom.planning.assign`: which source rank writes which heads and layers of a destination.
 * :mod:`~kvroom.planning.plan`: the descriptor rows of one chunk for one (source, destination) pair.
+* :mod:`~kvroom.planning.staging`: decode's staging reservations as ranks, so staging is two plans.
 """
 
 from kvroom.planning.assign import Assignment, assign, for_source, writing_sources
@@ -20,6 +21,7 @@ from kvroom.planning.layout import (
 )
 from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk, item_spans, plan_writes
 from kvroom.planning.ranks import RankRegions, synthetic_pool
+from kvroom.planning.staging import staging_bytes, staging_rank, whole_share
 
 __all__ = [
     "DTYPE_BYTES",
@@ -40,7 +42,10 @@ __all__ = [
     "item_spans",
     "plan_writes",
     "pp_layers",
+    "staging_bytes",
+    "staging_rank",
     "synthetic_pool",
     "tp_heads",
+    "whole_share",
     "writing_sources",
 ]
