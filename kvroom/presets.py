@@ -28,14 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvroom.planning.layout import (
-    Buffer,
-    ModelLayout,
-    RankLayout,
-    Section,
-    attention_buffers,
-    aux_buffers,
-)
+from kvroom.planning.families import attention_buffers, aux_buffers, mamba_buffers
+from kvroom.planning.layout import Buffer, ModelLayout, RankLayout, Section
 from kvroom.transport.regions import RegionPool
 
 if TYPE_CHECKING:
@@ -122,9 +116,7 @@ def _qwen3_next(layers: int = 8) -> Preset:
     linear = [x for x in range(layers) if x % 4 != 3]
     taps = 128 * 3  # a head is 128 channels, each with conv_kernel - 1 = 3 taps, channel-major
     conv = (Section(16, taps), Section(16, taps), Section(32, taps))  # q, k, v channels
-    state = tuple(Buffer("conv", x, "mamba", 1, conv, "bfloat16") for x in linear) + tuple(
-        Buffer("ssm", x, "mamba", 1, (Section(32, 128 * 128),), "float32") for x in linear
-    )
+    state = mamba_buffers(linear, conv, (Section(32, 128 * 128),))
     buffers = attention_buffers(full, 16, 2, 256, "bfloat16") + state + _aux(2048)
     description = "hybrid: GQA every 4th layer, mamba conv + ssm state rows per request"
     return Preset("qwen3-next", description, ModelLayout(layers, 16, buffers))

@@ -1,6 +1,7 @@
 """Planning: layouts + page lists + state indices -> WRITE descriptor arrays (pure, no NIXL).
 
 * :mod:`~kvroom.planning.layout`: the model's logical buffers and one rank's share of them.
+* :mod:`~kvroom.planning.families`: buffer lists for attention, MLA, mamba state and aux rows.
 * :mod:`~kvroom.planning.ranks`: a rank's layout bound to its registered regions (the handshake).
 * :mod:`~kvroom.planning.assign`: which source rank writes which heads and layers of a destination.
 * :mod:`~kvroom.planning.plan`: the descriptor rows of one chunk for one (source, destination) pair.
@@ -8,17 +9,8 @@
 """
 
 from kvroom.planning.assign import Assignment, assign, for_source, writing_sources
-from kvroom.planning.layout import (
-    DTYPE_BYTES,
-    Buffer,
-    ModelLayout,
-    RankLayout,
-    Section,
-    attention_buffers,
-    aux_buffers,
-    pp_layers,
-    tp_heads,
-)
+from kvroom.planning.families import attention_buffers, aux_buffers, mamba_buffers
+from kvroom.planning.layout import DTYPE_BYTES, Buffer, ModelLayout, RankLayout, Section, pp_layers, tp_heads
 from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk, item_spans, plan_writes
 from kvroom.planning.ranks import RankRegions, synthetic_pool
 from kvroom.planning.staging import staging_bytes, staging_rank, whole_share
@@ -40,6 +32,7 @@ __all__ = [
     "aux_buffers",
     "for_source",
     "item_spans",
+    "mamba_buffers",
     "plan_writes",
     "pp_layers",
     "staging_bytes",

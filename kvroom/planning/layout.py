@@ -27,7 +27,7 @@ pipeline stage unless ``holds_aux`` says otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +39,6 @@ __all__ = [
     "ModelLayout",
     "RankLayout",
     "Section",
-    "attention_buffers",
-    "aux_buffers",
     "pp_layers",
     "tp_heads",
 ]
@@ -154,30 +152,6 @@ class Buffer:
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed buffer {data!r}: {exc}") from exc
-
-
-def attention_buffers(
-    layers: Iterable[int],
-    page_size: int,
-    heads: int,
-    head_dim: int,
-    dtype: str,
-    names: tuple[str, ...] = ("k", "v"),
-    space: str = "kv",
-) -> tuple[Buffer, ...]:
-    """Paged ``[pages, page_size, heads, head_dim]`` buffers, one per name per layer.
-
-    ``names=("k", "v")`` is MHA/GQA with K and V in separate regions;
-    ``names=("kv",)`` with ``heads=1`` and ``head_dim=kv_lora_rank + rope_dim``
-    is MLA's latent; ``space="swa"`` makes sliding-window pages.
-    """
-    section = (Section(heads, head_dim),)
-    return tuple(Buffer(n, layer, space, page_size, section, dtype) for n in names for layer in layers)
-
-
-def aux_buffers(row_bytes: Mapping[str, int]) -> tuple[Buffer, ...]:
-    """Aux buffers: one unsliced row of ``row_bytes[name]`` bytes per request each."""
-    return tuple(Buffer(n, None, "aux", 1, (Section(1, b),), "uint8") for n, b in row_bytes.items())
 
 
 @dataclass(frozen=True)
