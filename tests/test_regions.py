@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import pytest
@@ -11,10 +12,15 @@ from kvroom.planning import (
     ModelLayout,
     RankLayout,
     RankRegions,
+    align_chunk,
+    assign,
     attention_buffers,
     aux_buffers,
+    from_kv_pool,
+    plan_writes,
     synthetic_pool,
 )
+from kvroom.transport.layout import KVPool
 from kvroom.transport.regions import Region, RegionPool
 
 
@@ -111,3 +117,32 @@ def test_torch_pools_bind_like_raw_ones() -> None:
         lay, RegionPool.from_tensors(tensors, aux={"ids": torch.zeros(3, 16, dtype=torch.uint8)})
     )
     assert RankRegions.from_dict(bound.to_dict()) == bound
+
+
+def test_todays_tensor_pools_describe_themselves_as_regions() -> None:
+    def kv_pool(rank: int, tp: int) -> KVPool:
+        layers = [torch.zeros(6, 2, 4 // tp, 8, dtype=torch.float16) for _ in range(3)]
+        return KVPool(
+            layers,
+            torch.zeros(4, 16, dtype=torch.uint8),
+            page_size=2,
+            kv_heads=4 // tp,
+            tp_rank=rank,
+            tp_size=tp,
+        )
+
+    src, dst = kv_pool(0, 1), kv_pool(1, 2)
+    source, dest = from_kv_pool(src), from_kv_pool(dst)
+    assert source.regions["layer.2"].addr == src.layers[2].data_ptr() and dest.regions["aux"].item_bytes == 16
+    source.check_compatible(dest, "decode-1")
+    plan = plan_writes(
+        source, dest, assign(dest.layout, [source.layout]), align_chunk([4], 0, [1], 0, last=True, aux=(0, 3))
+    )
+    assert plan is not None
+    for layer in range(3):
+        src.layers[layer].copy_(torch.randn(6, 2, 4, 8, dtype=torch.float16))
+    for part in plan.parts:
+        for (a, n, _), (b, _, _) in zip(part.local.tolist(), part.remote.tolist(), strict=True):
+            ctypes.memmove(b, a, n)
+    for layer in range(3):
+        assert torch.equal(dst.layers[layer][1], src.layers[layer][4][:, 2:4])

@@ -12,7 +12,7 @@ from kvroom.planning.assign import Assignment, assign, for_source, writing_sourc
 from kvroom.planning.families import attention_buffers, aux_buffers, mamba_buffers
 from kvroom.planning.layout import DTYPE_BYTES, Buffer, ModelLayout, RankLayout, Section, pp_layers, tp_heads
 from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk, item_spans, plan_writes
-from kvroom.planning.ranks import RankRegions, synthetic_pool
+from kvroom.planning.ranks import RankRegions, from_kv_pool, synthetic_pool
 from kvroom.planning.staging import staging_bytes, staging_rank, whole_share
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "attention_buffers",
     "aux_buffers",
     "for_source",
+    "from_kv_pool",
     "item_spans",
     "mamba_buffers",
     "plan_writes",

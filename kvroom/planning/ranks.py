@@ -5,7 +5,8 @@ region of that name with the item size the layout implies (a
 :class:`ValueError` naming the region otherwise), and that the region sits in
 the pool role its buffer's index space implies.  :meth:`RankRegions.check_compatible`
 is the handshake check between two sides (:class:`~kvroom.errors.IncompatiblePeerError`
-naming the field).  :func:`synthetic_pool` lays regions out at made-up
+naming the field).  :func:`from_kv_pool` describes today's
+:class:`~kvroom.transport.layout.KVPool` this way.  :func:`synthetic_pool` lays regions out at made-up
 addresses for a layout: what tests and benchmarks plan against without memory.
 """
 
@@ -13,12 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvroom.planning.layout import RankLayout
+from kvroom.planning.families import attention_buffers, aux_buffers
+from kvroom.planning.layout import ModelLayout, RankLayout
 from kvroom.transport.regions import Region, RegionPool
 
-__all__ = ["RankRegions", "synthetic_pool"]
+if TYPE_CHECKING:
+    from kvroom.transport.layout import KVPool
+
+__all__ = ["RankRegions", "from_kv_pool", "synthetic_pool"]
 
 
 @dataclass(frozen=True)
@@ -88,3 +93,35 @@ def synthetic_pool(
         roles[buffer.role].append(region)
         addr = region.end + gap
     return RegionPool(tuple(roles["kv"]), tuple(roles["aux"]), tuple(roles["state"]))
+
+
+def from_kv_pool(pool: KVPool) -> RankRegions:
+    """Today's tensor pool as regions: its layer tensors as ``layer.i``, its aux tensor as ``aux``.
+
+    K and V are layers of their own in a :class:`~kvroom.transport.layout.KVPool`,
+    so the model has ``len(pool.layers)`` layers of one paged buffer each; the
+    staging buffer is not a region the planner writes through (see
+    :mod:`kvroom.planning.staging`).
+    """
+    lay = pool.layout
+    buffers = attention_buffers(
+        range(lay.layers), lay.page_size, lay.total_heads, lay.head_dim, lay.dtype, names=("layer",)
+    ) + aux_buffers({"aux": lay.aux_slot_bytes})
+    rank = RankLayout(ModelLayout(lay.layers, lay.page_size, buffers), lay.tp_rank, lay.tp_size)
+    regions = pool.regions
+    kv = tuple(
+        Region(
+            f"layer.{i}",
+            base,
+            regions.num_pages * lay.page_bytes,
+            lay.page_bytes,
+            regions.mem,
+            regions.device,
+        )
+        for i, base in enumerate(regions.bases)
+    )
+    aux = Region(
+        "aux", regions.aux_base, regions.aux_slots * lay.aux_slot_bytes, lay.aux_slot_bytes,
+        regions.aux_mem, regions.aux_device,
+    )  # fmt: skip
+    return RankRegions(rank, RegionPool(kv, (aux,)))
