@@ -28,6 +28,7 @@ from kvroom.planning import (
     aux_buffers,
     for_source,
     plan_writes,
+    route,
     synthetic_pool,
     tp_heads,
     writing_sources,
@@ -358,3 +359,24 @@ def test_layouts_round_trip_through_dicts() -> None:
             assert RankLayout.from_dict(lay.to_dict()) == lay
             rank = bound(lay)
             assert RankRegions.from_dict(rank.to_dict()) == rank
+
+
+def test_a_route_is_bound_once_and_plans_every_chunk_like_plan_writes() -> None:
+    model = hybrid()
+    sources, dest = ranks(model, 2), ranks(model, 1)[0]
+    dst = bound(dest)
+    table = assign(dest, sources)
+    room = simple_room(state=True)
+    for i, s in enumerate(sources):
+        src = bound(s, ITEMS_SRC, 1 << 40)
+        r = route(src, dst, for_source(table, i))
+        assert not r.empty and r.spaces == ({"kv", "mamba", "aux"} if i == 0 else {"kv", "mamba"})
+        for c in room.chunks():
+            got, want = r.writes(c), plan_writes(src, dst, for_source(table, i), c)
+            assert (got is None) == (want is None)
+            if got is not None and want is not None:
+                assert [(p.local.tolist(), p.remote.tolist()) for p in got.parts] == [
+                    (p.local.tolist(), p.remote.tolist()) for p in want.parts
+                ]
+    watcher = route(bound(ranks(mla(), 2)[1], ITEMS_SRC), bound(ranks(mla(), 1)[0]), ())
+    assert watcher.empty and watcher.writes(room.chunks()[-1]) is None

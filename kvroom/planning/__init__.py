@@ -4,15 +4,17 @@
 * :mod:`~kvroom.planning.families`: buffer lists for attention, MLA, mamba state and aux rows.
 * :mod:`~kvroom.planning.ranks`: a rank's layout bound to its registered regions (the handshake).
 * :mod:`~kvroom.planning.assign`: which source rank writes which heads and layers of a destination.
-* :mod:`~kvroom.planning.plan`: the descriptor rows of one chunk for one (source, destination) pair.
+* :mod:`~kvroom.planning.plan`: what a chunk moves (indices) and what it takes (descriptor rows).
+* :mod:`~kvroom.planning.route`: a rank pair bound once, then a chunk's rows in a few numpy passes.
 * :mod:`~kvroom.planning.staging`: decode's staging reservations as ranks, so staging is two plans.
 """
 
 from kvroom.planning.assign import Assignment, assign, for_source, writing_sources
 from kvroom.planning.families import attention_buffers, aux_buffers, mamba_buffers
 from kvroom.planning.layout import DTYPE_BYTES, Buffer, ModelLayout, RankLayout, Section, pp_layers, tp_heads
-from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk, item_spans, plan_writes
+from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk
 from kvroom.planning.ranks import RankRegions, from_kv_pool, synthetic_pool
+from kvroom.planning.route import PairRoute, item_spans, plan_writes, route
 from kvroom.planning.staging import staging_bytes, staging_rank, whole_share
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "Buffer",
     "ChunkIndices",
     "ModelLayout",
+    "PairRoute",
     "RankLayout",
     "RankRegions",
     "Section",
@@ -36,6 +39,7 @@ __all__ = [
     "mamba_buffers",
     "plan_writes",
     "pp_layers",
+    "route",
     "staging_bytes",
     "staging_rank",
     "synthetic_pool",
