@@ -120,7 +120,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[RankLayout], list[RankLayout], Room
         model = swa(layers, page_size, heads)
     tp_src, tp_dst = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 2, 4]))
     pp_src = draw(st.integers(1, min(2, layers)))
-    pp_dst = draw(st.sampled_from([1, pp_src]))
+    pp_dst = draw(st.integers(1, min(2, layers)))
     sources = ranks(model, tp_src, pp_src)
     order = draw(st.permutations(range(len(sources))))
     n = draw(st.integers(0, 6))
@@ -269,6 +269,12 @@ def test_pipeline_stages_write_their_layers_at_their_offset() -> None:
     check_room(dst_mem, truth, room)
 
 
+def test_missing_heads_are_refused() -> None:
+    model = mha(heads=4)
+    with pytest.raises(IncompatiblePeerError, match=r"no source rank holds head 2 of 'k.0'"):
+        assign(ranks(model, 1)[0], ranks(model, 2)[:1])
+
+
 def test_a_missing_stage_is_refused() -> None:
     model = mha(layers=4)
     with pytest.raises(IncompatiblePeerError, match=r"no source rank holds 'k.2'"):
@@ -343,10 +349,20 @@ def test_nothing_to_move_is_none() -> None:
         (mha(layers=3), "layer count"),
         (mha(heads=8), "total heads"),
         (hybrid(v=8), "state shapes"),
+        (
+            ModelLayout(
+                2, 2, attention_buffers(range(2), 2, 4, 2, "bfloat16") + aux_buffers({"output_ids": 4})
+            ),
+            "buffers",
+        ),
     ],
 )
 def test_incompatible_models_are_refused_naming_the_field(theirs: ModelLayout, field: str) -> None:
     ours = hybrid() if field == "state shapes" else mha()
+    if field == "buffers":  # the same aux names with another row size: "aux rows"
+        theirs_aux = ModelLayout(2, 2, ours.buffers[:-2] + aux_buffers({"output_ids": 4, "hidden": 6}))
+        with pytest.raises(IncompatiblePeerError, match=r"aux rows \(output_ids: ours \(1, \(\(1, 8\),\)\)"):
+            ours.check_compatible(theirs_aux, "decode-1")
     with pytest.raises(IncompatiblePeerError, match=field):
         ours.check_compatible(theirs, "decode-1")
     with pytest.raises(IncompatiblePeerError, match=field):

@@ -196,8 +196,9 @@ class ModelLayout:
         """Raise :class:`IncompatiblePeerError` naming each field that differs.
 
         Fields: ``layer count``, ``page_size``, ``buffers`` (present on one side
-        only), and per buffer ``dtype``, ``total heads``, ``head_dim`` and
-        ``rows`` (KV and aux buffers) or ``state shapes`` (state buffers).
+        only), and per buffer ``dtype``, ``index space``, then ``total heads``,
+        ``head_dim`` and ``rows`` (KV buffers), ``state shapes`` (state
+        buffers) or ``aux rows`` (aux buffers).
         """
         diffs: dict[str, list[str]] = {}
 
@@ -220,9 +221,11 @@ class ModelLayout:
                 differ("dtype", key, mine.dtype, theirs.dtype)
             if mine.space != theirs.space:
                 differ("index space", key, mine.space, theirs.space)
-            if mine.role == "state":
+            if mine.role != "kv":  # state rows and aux rows: their shape as a whole
                 if mine.shape != theirs.shape:
-                    differ("state shapes", key, mine.shape, theirs.shape)
+                    differ(
+                        "state shapes" if mine.role == "state" else "aux rows", key, mine.shape, theirs.shape
+                    )
                 continue
             if mine.rows != theirs.rows:
                 differ("rows", key, mine.rows, theirs.rows)
