@@ -396,3 +396,16 @@ def test_a_route_is_bound_once_and_plans_every_chunk_like_plan_writes() -> None:
                 ]
     watcher = route(bound(ranks(mla(), 2)[1], ITEMS_SRC), bound(ranks(mla(), 1)[0]), ())
     assert watcher.empty and watcher.writes(room.chunks()[-1]) is None
+
+
+@pytest.mark.parametrize(
+    ("model", "m", "n", "interleaved"),
+    [(mha(), 2, 2, False), (mha(), 1, 2, True), (mha(page_size=1), 1, 2, True), (mla(), 1, 2, False)],
+)
+def test_a_route_says_when_head_slices_interleave(
+    model: ModelLayout, m: int, n: int, interleaved: bool
+) -> None:
+    dest = ranks(model, n)[0]
+    source = bound(ranks(model, m)[0], ITEMS_SRC, 1 << 40)
+    r = route(source, bound(dest), for_source(assign(dest, ranks(model, m)), 0))
+    assert r.interleaved is interleaved

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvroom.planning import (
     ChunkIndices,
     ModelLayout,
+    RankLayout,
     RankRegions,
     align_chunk,
     assign,
@@ -21,7 +24,7 @@ from kvroom.planning import (
 from kvroom.transport.descriptors import page_runs, run_descriptors
 from kvroom.transport.staging import chunk_count, chunk_pages
 from tests.planning_oracle import Memory, Room, check_room, execute, logical_state
-from tests.test_planning import ITEMS_DST, ITEMS_SRC, hybrid, mha, mla, ranks
+from tests.test_planning import ITEMS_DST, ITEMS_SRC, hybrid, mha, mla, ranks, scenarios
 
 
 def test_prefill_to_staging_is_todays_chunk_arithmetic() -> None:
@@ -46,21 +49,9 @@ def test_prefill_to_staging_is_todays_chunk_arithmetic() -> None:
         assert plan.parts[0].remote.tolist() == run_descriptors(bases, page_bytes, d, k).tolist()
 
 
-@pytest.mark.parametrize(
-    "model", [mha(heads=4), mha(heads=2), mla(), hybrid()], ids=["mha", "replicated", "mla", "hybrid"]
-)
-@pytest.mark.parametrize(("m", "n"), [(1, 2), (2, 4), (4, 2), (2, 1)])
-def test_staged_rooms_land_like_direct_ones(model: ModelLayout, m: int, n: int) -> None:
-    """Prefill writes whole pages to staging chunks; decode's scatter is the real assignment's plan."""
-    sources, size = ranks(model, m), 2
-    room = Room(
-        src_pages=np.array([4, 0, 7, 3, 8]),
-        dst_pages=np.array([6, 1, 2, 5]),
-        prefix=1,
-        chunk=3,
-        state={"mamba": (np.array([1]), np.array([2]))},
-        aux=(2, 4),
-    )
+def staged_room(sources: list[RankLayout], destinations: list[RankLayout], room: Room, size: int) -> None:
+    """Run ``room`` with every page through staging chunks of ``size`` pages; check the bytes."""
+    model = sources[0].model
     truth = logical_state(sources[0], ITEMS_SRC, seed=3)
     src_mem = []
     for i, s in enumerate(sources):
@@ -68,7 +59,7 @@ def test_staged_rooms_land_like_direct_ones(model: ModelLayout, m: int, n: int) 
         mem.fill_from(truth)
         src_mem.append(mem)
     dst_mems = []
-    for j, d in enumerate(ranks(model, n)):
+    for j, d in enumerate(destinations):
         dest = RankRegions(d, synthetic_pool(d, ITEMS_DST, base=(1 << 50) + (1 << 40) * j, gap=16))
         dst = Memory(dest)
         dst.fill_random(j)
@@ -102,3 +93,29 @@ def test_staged_rooms_land_like_direct_ones(model: ModelLayout, m: int, n: int) 
                 execute(down, ring, dst)
         dst_mems.append(dst)
     check_room(dst_mems, truth, room)
+
+
+@pytest.mark.parametrize(
+    "model", [mha(heads=4), mha(heads=2), mla(), hybrid()], ids=["mha", "replicated", "mla", "hybrid"]
+)
+@pytest.mark.parametrize(("m", "n"), [(1, 2), (2, 4), (4, 2), (2, 1)])
+def test_staged_rooms_land_like_direct_ones(model: ModelLayout, m: int, n: int) -> None:
+    """Prefill writes whole pages to staging chunks; decode's scatter is the real assignment's plan."""
+    room = Room(
+        src_pages=np.array([4, 0, 7, 3, 8]),
+        dst_pages=np.array([6, 1, 2, 5]),
+        prefix=1,
+        chunk=3,
+        state={"mamba": (np.array([1]), np.array([2]))},
+        aux=(2, 4),
+    )
+    staged_room(ranks(model, m), ranks(model, n), room, size=2)
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios(), st.integers(1, 4))
+def test_any_layout_stages_like_it_writes_directly(
+    scenario: tuple[list[RankLayout], list[RankLayout], Room], size: int
+) -> None:
+    sources, destinations, room = scenario
+    staged_room(sources, destinations, room, size)

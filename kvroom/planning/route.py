@@ -135,6 +135,15 @@ class PairRoute:
         """The index spaces this pair moves items of (``kv``, ``aux``, state spaces)."""
         return frozenset(g.space for g in self._groups)
 
+    @property
+    def interleaved(self) -> bool:
+        """True when some page buffer moves per-row spans (head slices interleave).
+
+        These are the pairs whose pages may go through decode's staging ring
+        (:mod:`kvroom.planning.staging`) instead of one descriptor per row.
+        """
+        return any(g.spans is not None and g.space == "kv" for g in self._groups)
+
     def writes(self, indices: ChunkIndices) -> WritePlan | None:
         """The WRITEs of the chunk ``indices``; None when nothing moves.
 
