@@ -323,7 +323,7 @@ def test_align_chunk_skips_the_decode_prefix() -> None:
     c = align_chunk([10, 11, 12, 13], 4, np.arange(100, 106), prefix_pages=6)
     assert c.pages[0].tolist() == [12, 13] and c.pages[1].tolist() == [100, 101] and c.first == 0
     c = align_chunk([10, 11], 0, np.arange(100, 106), prefix_pages=6)
-    assert c.pages[0].size == 0 and c.pages[1].size == 0
+    assert c.pages[0].size == 0 and c.pages[1].size == 0 and c.first == 0
     with pytest.raises(ValueError, match="runs past decode"):
         align_chunk([1, 2, 3], 0, [5], prefix_pages=0)
 
@@ -409,3 +409,15 @@ def test_a_route_says_when_head_slices_interleave(
     source = bound(ranks(model, m)[0], ITEMS_SRC, 1 << 40)
     r = route(source, bound(dest), for_source(assign(dest, ranks(model, m)), 0))
     assert r.interleaved is interleaved
+
+
+def test_the_assignment_does_not_depend_on_the_order_sources_are_listed() -> None:
+    model = mla(layers=4)
+    sources = ranks(model, 4, pp=2)
+    shuffled = [sources[i] for i in (5, 2, 7, 0, 3, 6, 1, 4)]
+    for dest in ranks(model, 2):
+        plain = {(sources[a.source].pp_rank, sources[a.source].tp_rank, a.key) for a in assign(dest, sources)}
+        mixed = {
+            (shuffled[a.source].pp_rank, shuffled[a.source].tp_rank, a.key) for a in assign(dest, shuffled)
+        }
+        assert plain == mixed

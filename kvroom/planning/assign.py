@@ -46,8 +46,9 @@ class Assignment:
 def assign(destination: RankLayout, sources: Sequence[RankLayout]) -> tuple[Assignment, ...]:
     """Every buffer slice ``destination`` holds, each given to exactly one of ``sources``.
 
-    ``sources`` are all ranks of the other side (TP x PP, any order); each
-    must describe the destination's model.  Raises
+    ``sources`` are all ranks of the other side (TP x PP, in any order: the
+    choice among replicas goes by (pp_rank, tp_rank), so both sides agree
+    however they list them); each must describe the destination's model.  Raises
     :class:`~kvroom.errors.IncompatiblePeerError` when a model differs or no
     source holds some head or layer the destination needs.
     """
@@ -79,7 +80,9 @@ def _shares(
 ) -> list[tuple[int, int, tuple[int, int]]]:
     shares: list[tuple[int, int, tuple[int, int]]] = []
     for k, section in enumerate(sections):
-        held = [(i, sources[i].heads(section)) for i in holders]
+        # candidates in rank order, whatever order the caller listed the sources in
+        ordered = sorted(holders, key=lambda i: (sources[i].pp_rank, sources[i].tp_rank, i))
+        held = [(i, sources[i].heads(section)) for i in ordered]
         lo, hi = destination.heads(section)
         for head in range(lo, hi):
             candidates = [i for i, (a, b) in held if a <= head < b]

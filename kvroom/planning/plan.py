@@ -78,7 +78,7 @@ def align_chunk(
     dst = _ints(dst_pages)
     skip = min(src.size, max(0, prefix_pages - offset))
     src = src[skip:]
-    first = offset + skip - prefix_pages
+    first = max(0, offset + skip - prefix_pages)  # 0 when the whole chunk is in decode's prefix
     if first + src.size > dst.size:
         raise ValueError(
             f"chunk at request page {offset} of {src.size + skip} pages runs past decode's "
