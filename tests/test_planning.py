@@ -26,6 +26,7 @@ from kvroom.planning import (
     assign,
     attention_buffers,
     aux_buffers,
+    draft_buffers,
     for_source,
     plan_writes,
     route,
@@ -421,3 +422,17 @@ def test_the_assignment_does_not_depend_on_the_order_sources_are_listed() -> Non
             (shuffled[a.source].pp_rank, shuffled[a.source].tp_rank, a.key) for a in assign(dest, shuffled)
         }
         assert plain == mixed
+
+
+@pytest.mark.parametrize(("m", "n", "pp"), [(2, 1, 1), (1, 2, 2), (4, 4, 1)])
+def test_draft_model_buffers_ride_the_page_list_with_their_own_item_size(m: int, n: int, pp: int) -> None:
+    target = attention_buffers(range(2), 2, 4, 2, "bfloat16")
+    model = ModelLayout(2, 2, target + draft_buffers(1, 2, 2, 3, "float16") + AUX)
+    assert {b.key for b in model.buffers} >= {"draft_k.0", "draft_v.0"}
+    stages = ranks(model, m, pp)
+    assert [s.holds(model.by_key["draft_k.0"]) for s in stages] == [s.pp_rank == pp - 1 for s in stages]
+    lay = stages[-1]
+    assert lay.item_bytes(model.by_key["draft_k.0"]) != lay.item_bytes(model.by_key["k.0"])
+    room = simple_room(chunk=2)
+    dst_mem, _, truth = run_room(stages, ranks(model, n), ITEMS_SRC, ITEMS_DST, room)
+    check_room(dst_mem, truth, room)

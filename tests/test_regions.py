@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvroom.errors import IncompatiblePeerError
 from kvroom.planning import (
     ModelLayout,
     RankLayout,
@@ -146,3 +147,13 @@ def test_todays_tensor_pools_describe_themselves_as_regions() -> None:
             ctypes.memmove(b, a, n)
     for layer in range(3):
         assert torch.equal(dst.layers[layer][1], src.layers[layer][4][:, 2:4])
+
+
+def test_the_handshake_refuses_another_model_naming_the_field() -> None:
+    ours = RankRegions(layout(), synthetic_pool(layout(), {"kv": 5, "aux": 3}))
+    model = ModelLayout(2, 4, attention_buffers(range(2), 4, 4, 16, "bfloat16") + aux_buffers({"ids": 16}))
+    theirs = RankRegions(RankLayout(model), synthetic_pool(RankLayout(model), {"kv": 5, "aux": 3}))
+    with pytest.raises(
+        IncompatiblePeerError, match=r"peer decode-0 has an incompatible layout: head_dim \(k\.0: ours 8"
+    ):
+        ours.check_compatible(RankRegions.from_dict(theirs.to_dict()), "decode-0")

@@ -10,7 +10,7 @@
 """
 
 from kvroom.planning.assign import Assignment, assign, for_source, writing_sources
-from kvroom.planning.families import attention_buffers, aux_buffers, mamba_buffers
+from kvroom.planning.families import attention_buffers, aux_buffers, draft_buffers, mamba_buffers
 from kvroom.planning.layout import DTYPE_BYTES, Buffer, ModelLayout, RankLayout, Section, pp_layers, tp_heads
 from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk
 from kvroom.planning.ranks import RankRegions, from_kv_pool, synthetic_pool
@@ -33,6 +33,7 @@ __all__ = [
     "assign",
     "attention_buffers",
     "aux_buffers",
+    "draft_buffers",
     "for_source",
     "from_kv_pool",
     "item_spans",

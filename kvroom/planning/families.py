@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 from kvroom.planning.layout import Buffer, Section
 
-__all__ = ["attention_buffers", "aux_buffers", "mamba_buffers"]
+__all__ = ["attention_buffers", "aux_buffers", "draft_buffers", "mamba_buffers"]
 
 
 def attention_buffers(
@@ -55,4 +55,19 @@ def mamba_buffers(
     layers = list(layers)
     return tuple(Buffer("conv", x, space, 1, conv, conv_dtype) for x in layers) + tuple(
         Buffer("ssm", x, space, 1, ssm, ssm_dtype) for x in layers
+    )
+
+
+def draft_buffers(
+    layers: int, page_size: int, heads: int, head_dim: int, dtype: str, names: tuple[str, ...] = ("k", "v")
+) -> tuple[Buffer, ...]:
+    """A speculative-decoding draft model's paged KV, indexed by the request's page list.
+
+    The draft's layers are not the target model's, so its buffers carry no
+    model layer: keys are ``draft_k.0`` .. and, like aux rows, they are held
+    by the last pipeline stage.  Their item sizes differ from the target's.
+    """
+    section = (Section(heads, head_dim),)
+    return tuple(
+        Buffer(f"draft_{n}.{i}", None, "kv", page_size, section, dtype) for n in names for i in range(layers)
     )

@@ -21,8 +21,8 @@ when ``H >= T``, else one replica of head ``r // (T / H)``.  MLA's latent
 State is sliced the way engines slice it: mamba conv channels and ssm heads
 are split over TP like attention heads (SGLang's mamba pools are per-TP-rank
 slices), so they are sections with heads; a state an engine replicates is a
-section with one head.  Buffers without a layer (aux) are held by the last
-pipeline stage unless ``holds_aux`` says otherwise.
+section with one head.  Buffers without a layer (aux rows, a draft model's
+KV) are held by the last pipeline stage unless ``holds_aux`` says otherwise.
 """
 
 from __future__ import annotations
@@ -257,6 +257,7 @@ class RankLayout:
     layer_start: int | None = None
     layer_end: int | None = None
     holds_aux: bool | None = None
+    """Whether this rank holds the buffers without a layer; default: the last stage does."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.tp_rank < self.tp_size or not 0 <= self.pp_rank < self.pp_size:
