@@ -28,6 +28,7 @@ from kvroom.planning import (
     aux_buffers,
     draft_buffers,
     for_source,
+    group_ranks,
     plan_writes,
     route,
     synthetic_pool,
@@ -436,3 +437,17 @@ def test_draft_model_buffers_ride_the_page_list_with_their_own_item_size(m: int,
     room = simple_room(chunk=2)
     dst_mem, _, truth = run_room(stages, ranks(model, n), ITEMS_SRC, ITEMS_DST, room)
     check_room(dst_mem, truth, room)
+
+
+def test_group_ranks_lists_a_side_stage_major() -> None:
+    model = mha(layers=4)
+    group = group_ranks(model, 2, 2)
+    assert [(r.pp_rank, r.tp_rank, r.layers) for r in group] == [
+        (0, 0, (0, 2)), (0, 1, (0, 2)), (1, 0, (2, 4)), (1, 1, (2, 4)),
+    ]  # fmt: skip
+    assert group == ranks(model, 2, 2)
+    uneven = group_ranks(model, 1, 2, [(0, 1), (1, 4)])
+    assert [r.layers for r in uneven] == [(0, 1), (1, 4)]
+    assert writing_sources(assign(ranks(model, 1)[0], uneven)) == {0, 1}
+    with pytest.raises(ValueError, match="2 layer ranges for 3 pipeline stages"):
+        group_ranks(model, 1, 3, [(0, 1), (1, 4)])

@@ -9,7 +9,7 @@
 * :mod:`~kvroom.planning.staging`: decode's staging reservations as ranks, so staging is two plans.
 """
 
-from kvroom.planning.assign import Assignment, assign, for_source, writing_sources
+from kvroom.planning.assign import Assignment, assign, for_source, group_ranks, writing_sources
 from kvroom.planning.families import attention_buffers, aux_buffers, draft_buffers, mamba_buffers
 from kvroom.planning.layout import DTYPE_BYTES, Buffer, ModelLayout, RankLayout, Section, pp_layers, tp_heads
 from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk
@@ -36,6 +36,7 @@ __all__ = [
     "draft_buffers",
     "for_source",
     "from_kv_pool",
+    "group_ranks",
     "item_spans",
     "mamba_buffers",
     "plan_writes",

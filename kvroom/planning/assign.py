@@ -28,9 +28,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from kvroom.errors import IncompatiblePeerError
-from kvroom.planning.layout import RankLayout, Section
+from kvroom.planning.layout import ModelLayout, RankLayout, Section
 
-__all__ = ["Assignment", "assign", "for_source", "writing_sources"]
+__all__ = ["Assignment", "assign", "for_source", "group_ranks", "writing_sources"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,24 @@ def for_source(assignments: Iterable[Assignment], source: int) -> tuple[Assignme
 def writing_sources(assignments: Iterable[Assignment]) -> frozenset[int]:
     """The sources that write anything into the destination."""
     return frozenset(a.source for a in assignments)
+
+
+def group_ranks(
+    model: ModelLayout,
+    tp_size: int,
+    pp_size: int = 1,
+    layer_ranges: Sequence[tuple[int, int]] | None = None,
+) -> list[RankLayout]:
+    """Every rank of one side, stage-major: rank ``(pp, tp)`` is at ``pp * tp_size + tp``.
+
+    What a side passes to :func:`assign` as ``sources`` (its own ranks, or a
+    peer's from the peer's sizes).  ``layer_ranges`` gives each stage's
+    ``[start, end)`` when the split is not the even one.
+    """
+    if layer_ranges is not None and len(layer_ranges) != pp_size:
+        raise ValueError(f"{len(layer_ranges)} layer ranges for {pp_size} pipeline stages")
+    out: list[RankLayout] = []
+    for pp in range(pp_size):
+        start, end = layer_ranges[pp] if layer_ranges is not None else (None, None)
+        out.extend(RankLayout(model, tp, tp_size, pp, pp_size, start, end) for tp in range(tp_size))
+    return out
