@@ -18,10 +18,14 @@ pipeline stage ``pp_rank`` holds the layers ``[layer_start, layer_end)``.
 heads over ``T`` ranks, rank ``r`` holds ``H / T`` heads from ``r * H / T``
 when ``H >= T``, else one replica of head ``r // (T / H)``.  MLA's latent
 (``H = 1``) is therefore on every rank, and so is anything unsliced (aux rows).
-State is sliced the way engines slice it: mamba conv channels and ssm heads
-are split over TP like attention heads (SGLang's mamba pools are per-TP-rank
-slices), so they are sections with heads; a state an engine replicates is a
-section with one head.  Buffers without a layer (aux rows, a draft model's
+State is sliced the way engines slice it: SGLang's mamba pools hold
+``conv_state [layers, size+1, conv_dim/tp, kernel-1]`` and ``temporal_state
+[layers, size+1, heads/tp, head_dim, state]`` and its heterogeneous-TP path
+(``_send_mamba_state_slice``) cuts the TP-sharded dimension per segment, so a
+state row is sections of heads (conv: the q, k, v channel segments; ssm: the
+value heads); a state an engine replicates is a section with one head.  An
+engine's one-tensor-for-all-layers state pool is one region per layer, each
+a slice of it.  Buffers without a layer (aux rows, a draft model's
 KV) are held by the last pipeline stage unless ``holds_aux`` says otherwise.
 """
 
