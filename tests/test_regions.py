@@ -157,3 +157,10 @@ def test_the_handshake_refuses_another_model_naming_the_field() -> None:
         IncompatiblePeerError, match=r"peer decode-0 has an incompatible layout: head_dim \(k\.0: ours 8"
     ):
         ours.check_compatible(RankRegions.from_dict(theirs.to_dict()), "decode-0")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_vram_regions_on_their_device() -> None:
+    t = torch.zeros(4, 64, dtype=torch.bfloat16, device="cuda")
+    (r,) = RegionPool.from_tensors({"k.0": t}).kv
+    assert (r.mem, r.device, r.addr, r.item_bytes) == ("VRAM", t.device.index or 0, t.data_ptr(), 128)
