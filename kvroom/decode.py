@@ -6,11 +6,10 @@ into our pages (or into the staging ring, then scattered here); the others
 only watch, so that a failure on any rank of either side reaches every rank.
 
 A decode room may only become Failed once no WRITE for it can still land in
-its pages, so the scheduler can reuse them at once.  Before its page list has
-been sent that is always true.  After it, a local abort or deadline, or a
-failure reported by one source, first asks every prefill rank to abort the
-room and waits for each remaining source's ``failed`` notice (sent only when
-nothing is in flight), or for that source to be declared lost.
+its pages, so the scheduler can reuse them at once, and it reaches Success only
+on the coordinator's COMMIT (prefill rank 0), after voting READY once every
+byte is in place.  Which input does what in which phase is the table of
+:mod:`kvroom.protocol.spec`; :meth:`DecodeSide.react` carries it out.
 """
 
 from __future__ import annotations

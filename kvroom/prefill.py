@@ -13,9 +13,11 @@ Three things deliberately outlive a room, each bounded:
 * tombstones of failed rooms, so late transfer info for them is answered at once.
 
 A room is bound to every decode rank (``infos_needed`` of them: decode's TP
-size, or the sender's ``required_dst_info_num``).  It succeeds when its WRITEs
-completed and every decode rank said ``done`` (its own room succeeded), so a
-rank lost before the room completed everywhere fails it on every rank.
+size, or the sender's ``required_dst_info_num``).  Its verdict follows
+:mod:`kvroom.protocol`: prefill rank 0 (the coordinator) reaches Success once
+its WRITEs completed and every decode rank voted READY, and tells them COMMIT;
+another prefill rank reaches Success on the commit a decode rank relays.
+Every protocol input goes through :meth:`PrefillSide.react`.
 """
 
 from __future__ import annotations

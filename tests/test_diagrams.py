@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvroom.cli import main
-from kvroom.diagrams import DEFAULT_DIR, render_mermaid
+from kvroom.diagrams import DEFAULT_DIR, render_mermaid, render_protocol, render_sequence
 from kvroom.fsm import Role
+from kvroom.protocol import DECODE_TABLE, PREFILL_TABLE, Msg
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -34,3 +35,19 @@ def test_readme_shows_the_current_diagrams() -> None:
     text = README.read_text()
     for role in Role:
         assert (DEFAULT_DIR / f"{role.value}.mmd").read_text().strip() in text
+
+
+def test_protocol_diagrams_draw_every_table_entry() -> None:
+    decode = render_protocol("decode")
+    for (phase, inp, sender), reaction in DECODE_TABLE.items():
+        assert f"{phase.value} --> " in decode
+        assert f": {inp.value} ({sender.value}) / {reaction.value}" in decode
+    prefill = render_protocol("prefill")
+    for (pphase, inp, coordinator), reaction in PREFILL_TABLE.items():
+        who = "rank 0" if coordinator else "rank k"
+        assert f"{pphase.value} --> " in prefill
+        assert f": {inp.value} ({who}) / {reaction.value}" in prefill
+    assert "Voted --> Success: COMMIT (coordinator)" in decode
+    sequence = render_sequence()
+    assert sequence.index(f"decode->>prefill0: {Msg.ROOM.name}") < sequence.index("READY")
+    assert sequence.index("READY") < sequence.index(f"prefill0->>decode: {Msg.COMMIT.name}")

@@ -68,6 +68,8 @@ __all__ = [
     "decode_reaction",
     "prefill_reaction",
     "UnexpectedInput",
+    "SEQUENCE",
+    "RESULT_PHASE",
 ]
 
 
@@ -261,3 +263,29 @@ def prefill_reaction(phase: PrefillPhase, inp: Input, coordinator: bool) -> Reac
     if phase is PrefillPhase.TERMINAL:
         return Reaction.IGNORE
     return PREFILL_TABLE.get((phase, inp, coordinator))
+
+
+SEQUENCE: tuple[tuple[str, str, Msg, str], ...] = (
+    ("decode", "prefill0", Msg.HELLO, "once per process pair"),
+    ("prefill0", "decode", Msg.WELCOME, ""),
+    ("decode", "prefill0", Msg.ROOM, "to every prefill rank of the room"),
+    ("decode", "prefillk", Msg.ROOM, ""),
+    ("prefill0", "decode", Msg.COMMIT, "after READY from every decode rank and its own WRITEs DONE"),
+    ("decode", "prefillk", Msg.COMMIT, "relayed: Success there once its own WRITEs are DONE"),
+)
+"""The control messages of one successful room, in order (drawn as a sequence diagram;
+the WRITEs and READY are inserted where they happen)."""
+
+RESULT_PHASE: dict[Reaction, str] = {
+    Reaction.FAIL: "Failed",
+    Reaction.FAIL_AFTER_CONFIRM: "Confirming",
+    Reaction.FAIL_IF_ALONE: "Failed",
+    Reaction.CONFIRM: "Failed",
+    Reaction.ASK_COORDINATOR: "Voted",
+    Reaction.VOTE: "Voted",
+    Reaction.COUNT_VOTE: "Success",
+    Reaction.COUNT_COMMIT: "Success",
+    Reaction.SUCCEED: "Success",
+}
+"""Where a reaction leads (for diagrams; counting reactions reach it with the last count).
+Reactions not listed leave the phase as it is."""
