@@ -89,7 +89,10 @@ def test_prefill_killed_fails_decode_rooms_in_bounded_time(
     decode = cluster.outcome("decode")
     failed = [r for r in decode.values() if r.state == "Failed"]
     assert failed and all(r.error_type == "PeerLostError" for r in failed)
-    assert max(r.finished for r in failed) - killed_at < lag.bound(6.0)  # heartbeat timeout 2 s, not 300 s
+    # each room fails within the 2 s heartbeat timeout (plus one ping) of the kill, or of its own start
+    # when the scheduler admitted it later (its handshake then waits that timeout): never 300 s
+    late = [r for r in failed if r.finished - max(r.started, killed_at) >= lag.bound(2.0 + 1.0)]
+    assert not late, (lag.worst, [(r.room, r.finished - max(r.started, killed_at)) for r in late])
     assert all(r.verified for r in decode.values() if r.state == "Success")
     cluster.finish()
     assert_clean(cluster)
