@@ -6,6 +6,7 @@ managers, and checks it is exactly as it was afterwards (and still completes).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
@@ -306,6 +307,28 @@ def test_unknown_room_in_control_messages_creates_nothing(env: tuple[KVManager, 
     assert p.table.get(777) is None and p.table.get(778) is None and d.table.get(777) is None
     assert p.table.get(779) is None
     assert p.footprint(777) == p.footprint(778) == p.footprint(779) == frozenset()
+
+
+def test_tombstones_of_unknown_room_aborts_are_bounded_by_count() -> None:
+    """Hostile traffic: aborts of rooms that never existed leave at most pending_limit tombstones."""
+    config = dataclasses.replace(FAST, pending_limit=8)
+    with (
+        KVManager("prefill", make_pool(), config=config, audit=False) as p,
+        KVManager("decode", make_pool(), config=config, audit=False) as d,
+    ):
+        tx, rx = ready_pair(p, d, 1, pages=2)  # completes the handshake
+        peer = d.side.peers[p.bootstrap_addr]
+
+        def forge() -> None:
+            for room in range(5000, 5050):
+                peer.client.send("abort", {"room": room, "reason": "hostile"})
+
+        d.submit(forge)
+        assert wait(lambda: p.side.tombstones.get(5049) is not None)
+        assert len(p.side.tombstones) == p.snapshot()["tombstones"] == 8
+        assert list(p.side.tombstones) == list(range(5042, 5050))  # the oldest went first
+        tx.send([0, 1])
+        assert wait(lambda: tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success)
 
 
 # -- peers ---------------------------------------------------------------------------------
