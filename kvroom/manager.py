@@ -204,6 +204,7 @@ class KVManager:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
+        self.stall.last = self.clock()  # the loop starts now: set-up time is no stall
         try:
             while not self._stopping.is_set():
                 self.side.register(poller)

@@ -256,3 +256,14 @@ def test_operator_snapshot_counts_rooms_per_state(pair: tuple[KVManager, KVManag
     snap = p.snapshot()
     assert snap["rooms"]["Bootstrapping"] == 1 and snap["role"] == "sender"
     assert snap["bootstrap_addr"] == p.bootstrap_addr
+
+
+def test_stall_watch_measures_only_gaps_longer_than_a_heartbeat_interval() -> None:
+    from kvroom.manager import StallWatch
+
+    watch = StallWatch(interval=0.5, now=10.0)
+    assert watch.tick(10.004) == 0.0  # an ordinary loop iteration
+    assert watch.tick(10.4) == 0.0
+    assert watch.tick(13.4) == pytest.approx(3.0)  # a SIGSTOP, a long GC pause
+    assert watch.pause == pytest.approx(3.0) and watch.pauses == 1
+    assert watch.tick(13.41) == 0.0 and watch.pause == 0.0
