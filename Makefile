@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(BIN)/kvroom demo
 
 test: $(STAMP)
-	$(BIN)/ruff check kvroom tests benchmarks
-	$(BIN)/ruff format --check kvroom tests benchmarks
+	$(BIN)/ruff check kvroom tests benchmarks examples
+	$(BIN)/ruff format --check kvroom tests benchmarks examples
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
@@ -31,7 +31,7 @@ test-loaded: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check kvroom tests benchmarks && $(BIN)/ruff format --check kvroom tests benchmarks
+	$(BIN)/ruff check kvroom tests benchmarks examples && $(BIN)/ruff format --check kvroom tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -1,7 +1,7 @@
 """Audit cost: the room lifecycle with the audit log writing JSON lines versus audit off.
 
 The lifecycle of ``fsm_overhead.py`` (create, every transition to Success,
-clear: five audit events) through a real ``RoomTable``, side by side in one
+clear: six audit events) through a real ``RoomTable``, side by side in one
 run: with no observer; with :class:`~kvroom.audit.AuditObserver` rendering
 and writing each JSON line on the calling thread; and with that observer
 behind :class:`~kvroom.audit.BackgroundObserver`, which leaves the calling
@@ -84,7 +84,7 @@ def main() -> None:
         bg_obs.close()
         lines = {name: sum(1 for _ in open(os.path.join(tmp, f"{name}.jsonl"))) for name in ("sync", "bg")}  # noqa: SIM115
     total = args.n * args.rounds
-    assert lines["sync"] == lines["bg"] == 5 * total, lines
+    assert lines["sync"] == lines["bg"] == 6 * total, lines  # created, 4 transitions, cleanup
     out = {
         "ratio_audit_on_vs_off": bg_cpu / off_cpu,
         "ratio_sync_audit_vs_off": sync_cpu / off_cpu,

@@ -3,12 +3,16 @@
 Two processes (prefill, decode) move the same pages both ways: through kvroom
 (rooms, senders, receivers, chunks, notifications, the done round trip) and
 through a bare NIXL script doing the same WRITEs (same descriptor lists, one
-per chunk, with a notification) between two fresh processes.  A torch copy of
+per chunk, with a notification) between two fresh processes; its decode polls
+for notifications every 1 ms (a spinning one took a core from the transfer).  A torch copy of
 the same bytes in one process is the memory-bandwidth ceiling.  Timing starts
 when every room is ready to send and stops when prefill sees every room done.
-Prints a table, or one JSON object with ``--json``.
+Both schedulers wait on an event set by an observer when their last room
+succeeds (no polling loop of their own competes with the transfers).  One run
+measures every ``--chunks`` workload (default: 4 chunks a room, then 1), each
+side by side with raw NIXL.  Prints a table, or one JSON object with ``--json``.
 
-    python benchmarks/transfer.py [--json] [--rooms N] [--pages N] [--page-kib N] [--chunks N]
+    python benchmarks/transfer.py [--json] [--rooms N] [--pages N] [--page-kib N] [--chunks 4,1]
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -70,11 +75,35 @@ def _die_with_parent(shape: Shape) -> None:
 # -- kvroom ------------------------------------------------------------------------
 
 
+class Finished:
+    """Observer: sets ``done`` when ``rooms`` rooms reached Success (a scheduler's wake-up)."""
+
+    def __init__(self, rooms: int) -> None:
+        self.rooms = rooms
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._seen = 0
+
+    def on_transition(self, record: Any) -> None:
+        if record.dst.name == "Success" and record.src is not record.dst:
+            with self._lock:
+                self._seen += 1
+                if self._seen == self.rooms:
+                    self.done.set()
+
+    def on_cleanup(self, record: Any) -> None:
+        pass
+
+    def on_ignored(self, record: Any) -> None:
+        pass
+
+
 def kvroom_prefill(conn: Connection, shape: Shape) -> None:
     _die_with_parent(shape)
     from kvroom import KVManager, KVPoll, KVSender
 
-    manager = KVManager("prefill", _pool(shape), audit=False)
+    finished = Finished(shape.rooms)
+    manager = KVManager("prefill", _pool(shape), observer=finished, audit=False)
     manager.pool.layers[0].random_(0, 255)
     conn.send(manager.bootstrap_addr)
     conn.recv()  # decode sent every page list
@@ -89,11 +118,9 @@ def kvroom_prefill(conn: Connection, shape: Shape) -> None:
     for c in range(shape.chunks):
         for room, s in enumerate(senders):
             s.send(src[room][c * step : (c + 1) * step])
-    waiting = senders
-    while waiting:  # a scheduler loop (2 ms tick): poll the rooms still open
-        waiting = [s for s in waiting if s.poll() is not KVPoll.Success]
-        time.sleep(0.002)
+    finished.done.wait()
     elapsed = time.perf_counter() - start
+    assert all(s.poll() is KVPoll.Success for s in senders)
     conn.send(elapsed)
     conn.recv()
     manager.close()
@@ -103,7 +130,8 @@ def kvroom_decode(conn: Connection, shape: Shape, addr: str) -> None:
     _die_with_parent(shape)
     from kvroom import KVManager, KVPoll, KVReceiver
 
-    manager = KVManager("decode", _pool(shape), audit=False)
+    finished = Finished(shape.rooms)
+    manager = KVManager("decode", _pool(shape), observer=finished, audit=False)
     dst = page_lists(shape, 2)
     receivers = []
     for room in range(shape.rooms):
@@ -112,9 +140,8 @@ def kvroom_decode(conn: Connection, shape: Shape, addr: str) -> None:
         rx.send_metadata(dst[room])
         receivers.append(rx)
     conn.send("ready")
-    while receivers:  # a scheduler loop (5 ms tick)
-        receivers = [r for r in receivers if r.poll() is not KVPoll.Success]
-        time.sleep(0.005)
+    finished.done.wait()
+    assert all(r.poll() is KVPoll.Success for r in receivers)
     conn.send("done")
     conn.recv()
     manager.close()
@@ -176,8 +203,9 @@ def raw_decode(conn: Connection, shape: Shape) -> None:
     conn.send((agent.get_agent_metadata(), int(tensor.data_ptr())))
     got = 0
     want = shape.rooms * shape.chunks
-    while got < want:
+    while got < want:  # polled every 1 ms, as kvroom's decode worker does, not spun on a core
         got += sum(len(v) for v in agent.get_new_notifs().values())
+        time.sleep(0.001)
     conn.send("done")
     conn.recv()
 
@@ -233,48 +261,68 @@ def run_memcpy(shape: Shape, rounds: int = 3) -> float:
     return best
 
 
+TARGETS = {1: 0.9}  # one chunk a room; any other chunking: 0.95
+
+
+def measure(shape: Shape, rounds: int) -> dict[str, Any]:
+    """kvroom and raw NIXL on one workload, interleaved; the best of ``rounds`` each."""
+    kv, raw = float("inf"), float("inf")
+    for _ in range(rounds):  # interleaved, so drift hits both alike
+        raw = min(raw, run_raw(shape))
+        kv = min(kv, run_kvroom(shape))
+    copy = run_memcpy(shape)
+    gbps = {name: shape.total_bytes / t / 1e9 for name, t in (("kvroom", kv), ("raw", raw), ("memcpy", copy))}
+    return {
+        "chunks": shape.chunks,
+        "ratio_vs_raw_nixl": gbps["kvroom"] / gbps["raw"],
+        "target": TARGETS.get(shape.chunks, 0.95),
+        "ratio_vs_memcpy": gbps["kvroom"] / gbps["memcpy"],
+        "kvroom_gbps": gbps["kvroom"],
+        "raw_nixl_gbps": gbps["raw"],
+        "memcpy_gbps": gbps["memcpy"],
+        "seconds": {"kvroom": kv, "raw": raw, "memcpy": copy},
+        "bytes": shape.total_bytes,
+        "rooms": shape.rooms,
+        "writes": shape.rooms * shape.chunks,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--rooms", type=int, default=256)
     parser.add_argument("--pages", type=int, default=64)
     parser.add_argument("--page-kib", type=int, default=64)
-    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--chunks", default="4,1", help="chunks a room, one workload each (default 4,1)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each; the best counts")
     parser.add_argument("--tcp", action="store_true", help="UCX_TLS=tcp for both (as between hosts)")
     args = parser.parse_args()
     env = (("UCX_TLS", "tcp"),) if args.tcp else ()
-    shape = Shape(args.rooms, args.pages, args.page_kib << 10, args.chunks, env)
-    if shape.pages % 8 or shape.pages % shape.chunks:
-        parser.error("--pages must be a multiple of 8 and of --chunks")
-    kv, raw = float("inf"), float("inf")
-    for _ in range(args.rounds):  # interleaved, so drift hits both alike
-        raw = min(raw, run_raw(shape))
-        kv = min(kv, run_kvroom(shape))
-    copy = run_memcpy(shape)
-    gbps = {name: shape.total_bytes / t / 1e9 for name, t in (("kvroom", kv), ("raw", raw), ("memcpy", copy))}
+    shapes = [Shape(args.rooms, args.pages, args.page_kib << 10, int(c), env) for c in args.chunks.split(",")]
+    for shape in shapes:
+        if shape.pages % 8 or shape.pages % shape.chunks:
+            parser.error("--pages must be a multiple of 8 and of every --chunks")
+    results = [measure(shape, args.rounds) for shape in shapes]
     out = {
-        "ratio_vs_raw_nixl": gbps["kvroom"] / gbps["raw"],
-        "ratio_vs_memcpy": gbps["kvroom"] / gbps["memcpy"],
-        "kvroom_gbps": gbps["kvroom"],
-        "raw_nixl_gbps": gbps["raw"],
-        "memcpy_gbps": gbps["memcpy"],
-        "bytes": shape.total_bytes,
-        "rooms": shape.rooms,
-        "writes": shape.rooms * shape.chunks,
         "transport": "tcp" if args.tcp else "default",
+        # the first workload's figures at the top level, as before
+        **{k: v for k, v in results[0].items() if k != "seconds"},
+        "workloads": results,
+        "all_targets_met": all(r["ratio_vs_raw_nixl"] >= r["target"] for r in results),
     }
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    mib = shape.total_bytes / (1 << 20)
-    print(f"{shape.rooms} rooms x {shape.pages} pages x {args.page_kib} KiB = {mib:.0f} MiB,", end=" ")
-    print(f"{shape.chunks} chunks a room")
-    print(f"{'path':>12}{'s':>9}{'GB/s':>9}")
-    for name, t in (("kvroom", kv), ("raw NIXL", raw), ("torch copy", copy)):
-        print(f"{name:>12}{t:>9.3f}{shape.total_bytes / t / 1e9:>9.2f}")
-    print(f"kvroom / raw NIXL: {out['ratio_vs_raw_nixl']:.2f}  (target >= 0.9)")
-    print(f"kvroom / memcpy:   {out['ratio_vs_memcpy']:.2f}")
+    for shape, r in zip(shapes, results, strict=True):
+        mib = shape.total_bytes / (1 << 20)
+        print(f"{shape.rooms} rooms x {shape.pages} pages x {args.page_kib} KiB = {mib:.0f} MiB,", end=" ")
+        print(f"{shape.chunks} chunks a room")
+        print(f"{'path':>12}{'s':>9}{'GB/s':>9}")
+        for name, key in (("kvroom", "kvroom"), ("raw NIXL", "raw"), ("torch copy", "memcpy")):
+            t = r["seconds"][key]
+            print(f"{name:>12}{t:>9.3f}{shape.total_bytes / t / 1e9:>9.2f}")
+        print(f"kvroom / raw NIXL: {r['ratio_vs_raw_nixl']:.2f}  (target >= {r['target']})")
+        print(f"kvroom / memcpy:   {r['ratio_vs_memcpy']:.2f}\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Audit events: the structlog adapter for the core's observer interface.
 
 kvroom never calls ``structlog.configure()``.  It asks for a logger, binds its
-context once (``role``, ``process``) and emits one event per transition
+context once (``role``, ``process``) and emits one event per room creation
+(``room.created`` with room, role, peer, time), one per transition
 (``room.transition`` with room, role, peer, src, dst, trigger, reason, time;
 the state-machine event is under ``trigger`` because structlog reserves
 ``event`` for the event name) and per cleanup (``room.cleanup``).  Applications route
@@ -19,17 +20,19 @@ from typing import Any, TextIO
 
 import structlog
 
-from kvroom.fsm.observer import CleanupRecord, IgnoredRecord, Observer, TransitionRecord
+from kvroom.fsm.observer import CleanupRecord, CreatedRecord, IgnoredRecord, Observer, TransitionRecord
 
 __all__ = [
     "AuditObserver",
     "BackgroundObserver",
     "json_lines_logger",
+    "CREATED_EVENT",
     "TRANSITION_EVENT",
     "CLEANUP_EVENT",
     "IGNORED_EVENT",
 ]
 
+CREATED_EVENT = "room.created"
 TRANSITION_EVENT = "room.transition"
 CLEANUP_EVENT = "room.cleanup"
 IGNORED_EVENT = "room.ignored"
@@ -47,6 +50,12 @@ class AuditObserver:
         base = logger if logger is not None else structlog.get_logger("kvroom.audit")
         self._log = base.bind(**context)
         self._log_ignored = log_ignored
+
+    def on_create(self, record: CreatedRecord) -> None:
+        """Emit ``room.created``."""
+        self._log.info(
+            CREATED_EVENT, room=record.room, role=record.role.value, peer=record.peer, time=record.time
+        )
 
     def on_transition(self, record: TransitionRecord) -> None:
         """Emit ``room.transition``."""
@@ -86,6 +95,9 @@ class AuditObserver:
             )
 
 
+_Record = CreatedRecord | TransitionRecord | CleanupRecord | IgnoredRecord
+
+
 class BackgroundObserver:
     """Hands records to ``inner`` on a writer thread, off the scheduler's thread.
 
@@ -101,7 +113,8 @@ class BackgroundObserver:
 
     def __init__(self, inner: Observer, *, interval: float = 0.05) -> None:
         self.inner = inner
-        self._queue: collections.deque[TransitionRecord | CleanupRecord | IgnoredRecord] = collections.deque()
+        self._queue: collections.deque[_Record] = collections.deque()
+        self.on_create: Callable[[CreatedRecord], None] = self._queue.append
         self.on_transition: Callable[[TransitionRecord], None] = self._queue.append
         self.on_cleanup: Callable[[CleanupRecord], None] = self._queue.append
         self.on_ignored: Callable[[IgnoredRecord], None] = self._queue.append
@@ -123,6 +136,10 @@ class BackgroundObserver:
                         inner.on_transition(record)
                     elif isinstance(record, CleanupRecord):
                         inner.on_cleanup(record)
+                    elif isinstance(record, CreatedRecord):
+                        on_create = getattr(inner, "on_create", None)
+                        if on_create is not None:
+                            on_create(record)
                     else:
                         inner.on_ignored(record)
                 except Exception as exc:  # keep draining; report on flush

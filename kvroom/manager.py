@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import zmq
@@ -29,6 +29,7 @@ from kvroom.config import ManagerConfig
 from kvroom.errors import KVRoomError
 from kvroom.fsm import (
     CleanupRecord,
+    CreatedRecord,
     Event,
     IgnoredRecord,
     Observer,
@@ -41,6 +42,9 @@ from kvroom.transport.control import parse_addresses
 from kvroom.transport.layout import KVPool
 from kvroom.transport.nixl import NixlAgent, unique_agent_name
 from kvroom.transport.staging import StagingRing, StagingStore
+
+if TYPE_CHECKING:
+    from kvroom.metrics import KVMetrics, MetricsObserver
 
 __all__ = ["KVManager"]
 
@@ -81,6 +85,7 @@ class KVManager:
     ``observer`` receives every transition; by default they go to structlog
     as audit events, rendered on a background writer thread
     (:class:`~kvroom.audit.BackgroundObserver`; ``audit=False`` turns them off).
+    ``metrics``: a :class:`~kvroom.metrics.KVMetrics` to report to (Prometheus; off by default).
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class KVManager:
         audit: bool = True,
         logger: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: KVMetrics | None = None,
     ) -> None:
         self.role = _parse_role(role)
         if not isinstance(pool, KVPool):
@@ -111,6 +117,7 @@ class KVManager:
                 AuditObserver(logger, role=self.role.value, process=self.agent_name)
             )
         self.observer = observer
+        self._metrics: MetricsObserver | None = metrics.observer(self) if metrics is not None else None
         staging: bool | StagingStore = False
         if self.role is Role.RECEIVER:
             staging = StagingStore("prefetch_requested", StagingRing(pool.staging_units))
@@ -244,6 +251,8 @@ class KVManager:
         self._thread.join(timeout)
         if self._own_observer is not None:
             self._own_observer.close()
+        if self._metrics is not None:
+            self._metrics.close()
         self.agent.close()
         self._ctx.term()
         for fd in (self._wake_r, self._wake_w):
@@ -262,9 +271,18 @@ class _Forward:
     def __init__(self, manager: KVManager) -> None:
         self.m = manager
 
+    def on_create(self, record: CreatedRecord) -> None:
+        on_create = getattr(self.m.observer, "on_create", None)  # observers may predate creation events
+        if on_create is not None:
+            on_create(record)
+        if self.m._metrics is not None:
+            self.m._metrics.on_create(record)
+
     def on_transition(self, record: TransitionRecord) -> None:
         if self.m.observer is not None:
             self.m.observer.on_transition(record)
+        if self.m._metrics is not None:
+            self.m._metrics.on_transition(record)
         side = getattr(self.m, "side", None)
         if side is not None:
             side.on_transition(record)

@@ -2,7 +2,8 @@
 
 Each room of each process (``process`` field) is replayed from Bootstrapping
 through its ``room.transition`` events using the same compiled rule table the
-room table runs.  A room id reused after cleanup starts a new lifecycle.
+room table runs; its ``room.created`` event (when logged) starts the clock of
+Bootstrapping.  A room id reused after cleanup starts a new lifecycle.
 Violations: an illegal transition, a room that never reached a terminal state,
 a terminal room never cleaned up.  Rooms of a process the log marks as killed
 (``process.killed``) are counted as lost with it, not as violations.
@@ -97,7 +98,7 @@ def replay(lines: list[str]) -> AuditReport:
             if kind == "process.killed":
                 killed.add(str(entry["process"]))
                 continue
-            if kind not in ("room.transition", "room.cleanup"):
+            if kind not in ("room.created", "room.transition", "room.cleanup"):
                 continue
             key = (str(entry["process"]), str(entry["role"]), int(entry["room"]))
             role = Role(entry["role"])
@@ -108,6 +109,13 @@ def replay(lines: list[str]) -> AuditReport:
             if history:
                 history[-1].cleaned = True
             continue
+        if kind == "room.created":
+            try:
+                created = float(entry["time"])
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ValueError(f"line {number}: malformed creation ({exc})") from None
+            history.append(_Life(entered=created))
+            continue
         try:
             src, dst = KVPoll[entry["src"]], KVPoll[entry["dst"]]
             event = Event(entry["trigger"])
@@ -115,7 +123,7 @@ def replay(lines: list[str]) -> AuditReport:
         except (KeyError, ValueError, TypeError) as exc:
             raise ValueError(f"line {number}: malformed transition ({exc})") from None
         if not history or (history[-1].cleaned and src is KVPoll.Bootstrapping):
-            history.append(_Life())
+            history.append(_Life())  # a log without creation events
         life = history[-1]
         if life.illegal:
             continue

@@ -21,6 +21,15 @@ def test_one_event_per_transition_and_cleanup() -> None:
         table.fire(room, Event.TRANSPORT_ERROR, 2.0, error=PeerLostError("gone"))
     assert logs == [
         {
+            "event": "room.created",
+            "log_level": "info",
+            "process": "prefill-0",
+            "room": 7,
+            "role": "sender",
+            "peer": "decode-a",
+            "time": 1.0,
+        },
+        {
             "event": "room.transition",
             "log_level": "info",
             "process": "prefill-0",
@@ -59,5 +68,43 @@ def test_json_lines_file(tmp_path: Path) -> None:
     room = table.create(1, 0.5)
     table.fire(room, Event.ABORT, 0.75)
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [line["event"] for line in lines] == ["room.transition", "room.cleanup"]
-    assert lines[0]["process"] == "decode-0" and lines[0]["dst"] == "Failed"
+    assert [line["event"] for line in lines] == ["room.created", "room.transition", "room.cleanup"]
+    assert lines[0]["time"] == 0.5 and lines[0]["room"] == 1
+    assert lines[1]["process"] == "decode-0" and lines[1]["dst"] == "Failed"
+
+
+def test_background_observer_keeps_creation_first_and_tolerates_old_observers() -> None:
+    from kvroom.audit import BackgroundObserver
+    from kvroom.fsm import RecordingObserver
+
+    inner = RecordingObserver()
+    background = BackgroundObserver(inner)
+    table = RoomTable(Role.SENDER, observer=background)
+    room = table.create(3, 1.0)
+    table.fire(room, Event.ABORT, 2.0)
+    background.close()
+    assert [r.room for r in inner.created] == [3] and inner.created[0].time == 1.0
+    assert [r.dst.name for r in inner.transitions] == ["Failed"]
+
+    class Old:  # an observer written before creation was an event
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def on_transition(self, record: object) -> None:
+            self.seen.append("transition")
+
+        def on_cleanup(self, record: object) -> None:
+            self.seen.append("cleanup")
+
+        def on_ignored(self, record: object) -> None:
+            self.seen.append("ignored")
+
+    old = Old()
+    table = RoomTable(Role.SENDER, observer=old)  # type: ignore[arg-type]
+    table.fire(table.create(4, 1.0), Event.ABORT, 2.0)
+    assert old.seen == ["transition", "cleanup"]
+    background = BackgroundObserver(old)  # type: ignore[arg-type]
+    table = RoomTable(Role.SENDER, observer=background)
+    table.fire(table.create(5, 1.0), Event.ABORT, 2.0)
+    background.close()
+    assert old.seen == ["transition", "cleanup"] * 2

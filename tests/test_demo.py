@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvroom.replay import main as audit_main
 
@@ -84,3 +89,90 @@ def test_unavailable_nixl_backend_is_one_line(tmp_path: Path) -> None:
     result = kvroom("demo", "--requests", "5", env={"NIXL_PLUGIN_DIR": str(tmp_path / "none")})
     assert result.returncode == 2
     assert "NIXL" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def total(families: dict[str, Metric], sample: str, **labels: str) -> float:
+    """Sum of ``sample`` over every node whose labels include ``labels``."""
+    family = families[sample.removesuffix("_total").removesuffix("_count")]
+    return sum(
+        s.value
+        for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_json_summary_and_scraped_metrics_agree_with_the_run(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    port = free_port()
+    rooms = 40
+    cmd = [sys.executable, "-m", "kvroom.cli", "demo", "--json", "--requests", str(rooms), "--max-pages", "8"]
+    cmd += [
+        "--model",
+        "tiny",
+        "--metrics-port",
+        str(port),
+        "--metrics-linger",
+        "120",
+        "--audit-log",
+        str(log),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        summary = json.loads(proc.stdout.readline())  # printed before the metrics linger
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+            text = response.read().decode()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    for key in ("gbps", "raw_nixl_gbps", "ratio_vs_raw_nixl", "latency_ms_p50", "latency_ms_p99"):
+        assert isinstance(summary[key], float) and summary[key] > 0, (key, summary)
+    assert summary["tokens_per_s"] > 0 and summary["model"] == "tiny" and summary["ok"] is True
+    assert (summary["rooms"], summary["success"], summary["failed"], summary["verified"]) == (
+        rooms,
+        rooms,
+        0,
+        rooms,
+    )
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for role in ("sender", "receiver"):
+        assert total(families, "kvroom_rooms_created_total", role=role) == rooms
+        assert total(families, "kvroom_room_latency_seconds_count", role=role, outcome="Success") == rooms
+        ended = total(families, "kvroom_room_transitions_total", role=role, dst="Success", src="Transferring")
+        assert ended == rooms
+        assert total(families, "kvroom_room_failures_total", role=role) == 0
+        assert total(families, "kvroom_rooms", role=role) == 0  # every room ended and was cleared
+    aux = 64 * rooms  # every room also moves its 64-byte aux slot
+    assert total(families, "kvroom_bytes_written_total") == summary["bytes"] + aux
+    assert total(families, "kvroom_bytes_received_total") == summary["bytes"] + aux
+    assert total(families, "kvroom_peers", role="sender") == 2  # both decodes, on the prefill
+    assert audit_main(str(log)) == 0
+
+
+def test_one_room_in_flight_reports_latency_against_raw(tmp_path: Path) -> None:
+    result = kvroom(
+        "demo", "--json", "--concurrency", "1", "--requests", "12", "--audit-log", str(tmp_path / "a.jsonl")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["concurrency"] == 1 and summary["success"] == 12
+    assert summary["raw_room_ms_p50"] > 0 and summary["latency_target_ms"] == pytest.approx(
+        2 * summary["raw_room_ms_p50"] + 1.0
+    )
+    assert "kvroom demo: OK" in result.stderr  # the human summary goes to stderr under --json
+
+
+def test_help_lists_the_model_presets() -> None:
+    result = kvroom("demo", "--help")
+    assert result.returncode == 0
+    from kvroom.demo.models import MODELS
+
+    assert len(MODELS) >= 3 and all(name in result.stdout for name in MODELS)

@@ -10,18 +10,22 @@ import pytest
 from kvroom.audit import AuditObserver, json_lines_logger
 from kvroom.cli import main
 from kvroom.fsm import Event, Role, RoomTable
-from kvroom.replay import replay
+from kvroom.replay import format_report, replay
 
 
 def write_log(path: Path) -> None:
-    """A clean log: one success (cleared), one failure, from two 'processes'."""
+    """A clean log: one success (cleared), one failure, from two 'processes'.
+
+    Lines: the sender's creation, its four transitions and cleanup, then the receiver's.
+    """
     sender = RoomTable(Role.SENDER, observer=AuditObserver(json_lines_logger(path), process="p-1"))
     receiver = RoomTable(Role.RECEIVER, observer=AuditObserver(json_lines_logger(path), process="d-2"))
-    tx, rx = sender.create(1, 0.0), receiver.create(1, 0.0)
+    tx = sender.create(1, 0.0)
     sender.fire(tx, Event.DST_INFO, 0.1, infos=1)
     sender.fire(tx, Event.SEND, 0.2)
     sender.fire(tx, Event.COMPLETE, 0.3, aux=True)
     sender.fire(tx, Event.CLEAR, 0.4)
+    rx = receiver.create(1, 0.0)
     receiver.fire(rx, Event.METADATA_SENT, 0.1)
     receiver.fire(rx, Event.PEER_LOST, 0.5, reason="prefill at x went silent")
 
@@ -43,6 +47,9 @@ def test_a_clean_log_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         "leaked": 0,
     }
     assert data["state_seconds"]["WaitingForInput"]["n"] == 2
+    # creation is an event: time in Bootstrapping is measured from it
+    assert data["state_seconds"]["Bootstrapping"] == {"p50": 0.1, "p99": 0.1, "n": 2}
+    assert "Bootstrapping" in format_report(replay(log.read_text().splitlines()))
 
 
 def edit(log: Path, keep: int | None = None, patch: dict[int, dict[str, object]] | None = None) -> list[str]:
@@ -85,5 +92,15 @@ def test_unreadable_log_names_the_line(tmp_path: Path, capsys: pytest.CaptureFix
     write_log(log)
     log.write_text(log.read_text() + "{oops\n")
     assert main(["audit", str(log)]) == 2
-    assert "line 9" in capsys.readouterr().err
+    assert "line 11" in capsys.readouterr().err
     assert main(["audit", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_a_created_room_that_never_moved_is_non_terminal(tmp_path: Path) -> None:
+    log = tmp_path / "a.jsonl"
+    write_log(log)
+    lines = edit(log)
+    created = [i for i, line in enumerate(lines) if '"room.created"' in line]
+    assert len(created) == 2
+    report = replay(lines[: created[1] + 1])  # the receiver's creation and nothing after it
+    assert report.non_terminal == ["d-2/receiver/1"] and report.success == 1

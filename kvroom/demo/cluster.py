@@ -45,6 +45,8 @@ class Node:
         self.final: dict[str, Any] | None = None
         self.errors: list[str] = []
         self.stopped = False
+        self.metrics: list[Any] | None = None  # latest metric families it sent
+        self.raw: dict[str, Any] | None = None  # latest reply of the raw NIXL phase
 
     @property
     def pid(self) -> int:
@@ -132,8 +134,16 @@ class Cluster:
 
     def submit(self, rooms: list[RoomSpec]) -> None:
         """Give each room to the prefill and to its decode node."""
+        self.submit_prefill(rooms)
+        self.submit_decodes(rooms)
+
+    def submit_prefill(self, rooms: list[RoomSpec]) -> None:
+        """Give rooms to the prefill only (it may prepare their pages ahead)."""
         assert self.prefill is not None
         self.prefill.send("rooms", rooms)
+
+    def submit_decodes(self, rooms: list[RoomSpec]) -> None:
+        """Give each room to its decode node."""
         by_decode: dict[int, list[RoomSpec]] = {}
         for spec in rooms:
             by_decode.setdefault(spec.decode, []).append(spec)
@@ -186,6 +196,10 @@ class Cluster:
                 node.final = arg
             elif kind == "error":
                 node.errors.append(arg)
+            elif kind == "metrics":
+                node.metrics = arg
+            elif kind == "raw":
+                node.raw = arg
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Pump until ``predicate()`` holds or ``timeout`` passes."""

@@ -1,29 +1,46 @@
 """Prefill and decode *scheduler* processes driving kvroom's public API.
 
 Each node runs a loop like an engine's scheduler: it takes rooms from its
-parent over a pipe, allocates pages, creates ``KVSender``/``KVReceiver`` objects,
-polls them, and reports every terminal room (outcome, error, verification,
-footprint).  The demo, the end-to-end tests and the soak all use these.
+parent over a pipe, allocates pages, creates ``KVSender``/``KVReceiver`` objects
+and reports every terminal room (outcome, error, verification, footprint).
+The loop is event-driven: an observer on the manager writes to a pipe when a
+room changes state, and the loop sleeps on that pipe and its parent's pipe
+(or, with ``chunk_interval`` > 0, steps on a fixed tick).  Page contents come from a
+:class:`~kvroom.demo.workload.PagePattern` made once per process.  The demo,
+the end-to-end tests and the soak all use these nodes.
 
 Parent -> node messages: ``("rooms", [RoomSpec...])``, ``("abort", room)``,
-``("stop", None)``.  Node -> parent: ``("ready", info)``, ``("done", RoomResult)``,
+``("stop", None)``, and for the raw NIXL figure ``("raw_open", None)``,
+``("raw_run", plan)``, ``("raw_close", None)``.  Node -> parent: ``("ready",
+info)``, ``("done", RoomResult)``, ``("metrics", families)``, ``("raw", info)``,
 ``("final", summary)``, ``("error", text)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import numpy as np
 import torch
 
-from kvroom.demo.workload import PageAllocator, RoomSpec, aux_matches, expected_pages, fill_aux, fill_pages
+from kvroom.demo.workload import (
+    PageAllocator,
+    PagePattern,
+    RoomSpec,
+    aux_matches,
+    expected_pages,
+    fill_aux,
+    fill_pages,
+)
 
 __all__ = ["NodeOptions", "RoomResult", "prefill_main", "decode_main", "die_with_parent"]
 
@@ -43,8 +60,8 @@ def die_with_parent() -> None:
 class NodeOptions:
     """Everything a node needs, picklable."""
 
-    layers: int = 4
-    page_bytes: int = 16 << 10
+    layers: int = 4  # pool tensors (K and V of a model layer are two)
+    page_bytes: int = 16 << 10  # bytes of one page of one tensor
     pool_pages: int = 2048
     aux_slots: int = 256
     aux_bytes: int = 64
@@ -59,11 +76,25 @@ class NodeOptions:
     name: str = "node"
     env: dict[str, str] = field(default_factory=dict)
     stderr_path: str | None = None  # where the node's stderr (NIXL's own logs) goes
+    # model-shaped pages: (page_size, kv_heads, head_dim) of ``dtype``; None: opaque uint8 pages
+    page_shape: tuple[int, int, int] | None = None
+    dtype: str = "uint8"
+    # 0: event-driven loops, pages stamped from a pattern made once, a room's chunks all sent
+    # at once (the demo); > 0: a scheduler step, then a sleep this long: each step polls every
+    # room, computes a new room's pages (fill_pages, a few ms) and sends one chunk a room
+    # (the stepping loop the fault tests' timing was tuned with)
+    chunk_interval: float = 0.001
+    metrics_interval: float | None = None  # send metric snapshots this often (None: no metrics)
+    seed: int = 0  # of the page pattern (the same on every node)
 
 
 @dataclass
 class RoomResult:
-    """What happened to one room on one node."""
+    """What happened to one room on one node.
+
+    ``started``: creation (prefill) or page list sent (decode); ``finished``:
+    its terminal transition (both ``time.monotonic()``, comparable across processes).
+    """
 
     room: int
     role: str
@@ -78,36 +109,96 @@ class RoomResult:
     bytes: int
 
 
-def _make_manager(role: str, opts: NodeOptions) -> Any:
+class _Wake:
+    """The manager's observer: forwards to the audit observer and wakes the scheduler loop.
+
+    A room's state change appends its id and writes a byte to a pipe the loop
+    sleeps on; terminal transitions also keep their time.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+        self.changed: deque[int] = deque()
+        self.ended: dict[int, float] = {}
+
+    def on_create(self, record: Any) -> None:
+        if self.inner is not None:
+            self.inner.on_create(record)
+
+    def on_transition(self, record: Any) -> None:
+        if self.inner is not None:
+            self.inner.on_transition(record)
+        if record.src is not record.dst:
+            if record.dst.name in ("Success", "Failed"):
+                self.ended[record.room] = record.time
+            self.changed.append(record.room)
+            with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                os.write(self._w, b"x")
+
+    def on_cleanup(self, record: Any) -> None:
+        if self.inner is not None:
+            self.inner.on_cleanup(record)
+
+    def on_ignored(self, record: Any) -> None:
+        if self.inner is not None:
+            self.inner.on_ignored(record)
+
+    def take(self) -> list[int]:
+        """Rooms that changed since the last call (drains the pipe first: no lost wake-up)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 4096):
+                pass
+        out = []
+        while self.changed:
+            out.append(self.changed.popleft())
+        return out
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+        os.close(self.fd)
+        os.close(self._w)
+
+
+def _make_manager(role: str, opts: NodeOptions, wake: _Wake, metrics: Any) -> tuple[Any, np.ndarray]:
+    """The manager and its pool as one ``[tensors, pages, page_bytes]`` uint8 array."""
     from kvroom import KVManager, KVPool, ManagerConfig
-    from kvroom.audit import AuditObserver, json_lines_logger
     from kvroom.fsm import Deadlines
 
-    layers = [torch.zeros(opts.pool_pages, opts.page_bytes, dtype=torch.uint8) for _ in range(opts.layers)]
-    aux = torch.zeros(opts.aux_slots, opts.aux_bytes, dtype=torch.uint8)
-    pool = KVPool(layers, aux)
+    if opts.page_shape is not None:
+        page_size, kv_heads, _ = opts.page_shape
+        big = torch.zeros(opts.layers, opts.pool_pages, *opts.page_shape, dtype=getattr(torch, opts.dtype))
+        layers = list(big.unbind(0))
+        pool = KVPool(layers, torch.zeros(opts.aux_slots, opts.aux_bytes, dtype=torch.uint8),
+                      page_size=page_size, kv_heads=kv_heads)  # fmt: skip
+    else:
+        big = torch.zeros(opts.layers, opts.pool_pages, opts.page_bytes, dtype=torch.uint8)
+        pool = KVPool(list(big.unbind(0)), torch.zeros(opts.aux_slots, opts.aux_bytes, dtype=torch.uint8))
     config = ManagerConfig(
         deadlines=Deadlines(*opts.deadlines),
         heartbeat_interval=opts.heartbeat[0],
         heartbeat_timeout=opts.heartbeat[1],
         host=opts.host,
     )
-    observer = None
-    if opts.audit_log:
-        observer = AuditObserver(
-            json_lines_logger(opts.audit_log), process=f"{opts.name}-{os.getpid()}", pid=os.getpid()
-        )
     import structlog
 
     quiet = structlog.wrap_logger(structlog.PrintLogger(open(os.devnull, "w")))  # noqa: SIM115
-    return KVManager(
-        role, pool, bootstrap_port=opts.port, config=config, observer=observer, audit=False, logger=quiet
-    )
+    manager = KVManager(
+        role, pool, bootstrap_port=opts.port, config=config, observer=wake, audit=False, logger=quiet,
+        metrics=metrics,
+    )  # fmt: skip
+    pages = big.view(torch.uint8).reshape(opts.layers, opts.pool_pages, -1).numpy()
+    pages.fill(0)  # touch every page now, as an engine's preallocated KV cache is, not mid-transfer
+    return manager, pages
 
 
 def _result(
-    handle: Any, state: Any, role: str, opts: NodeOptions, started: float, verified: bool | None, nbytes: int
-) -> RoomResult:
+    handle: Any, state: Any, role: str, opts: NodeOptions, started: float, finished: float,
+    verified: bool | None, nbytes: int,
+) -> RoomResult:  # fmt: skip
     from kvroom import KVPoll
 
     error = error_type = None
@@ -126,7 +217,7 @@ def _result(
         verified=verified,
         footprint=tuple(sorted(handle.manager.footprint(handle.bootstrap_room))),
         started=started,
-        finished=time.monotonic(),
+        finished=finished,
         bytes=nbytes,
     )
 
@@ -136,24 +227,48 @@ def _node(role: str, conn: Connection, opts: NodeOptions) -> None:
     os.environ.update(opts.env)
     if opts.stderr_path:
         fd = os.open(opts.stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)  # NIXL logs to stdout: keep the demo's own output (and --json) clean
         os.dup2(fd, 2)
         os.close(fd)
+    audit = None
+    if opts.audit_log:
+        from kvroom.audit import AuditObserver, BackgroundObserver, json_lines_logger
+
+        audit = BackgroundObserver(  # rendered on a writer thread, off the scheduler's
+            AuditObserver(
+                json_lines_logger(opts.audit_log), process=f"{opts.name}-{os.getpid()}", pid=os.getpid()
+            )
+        )
+    wake = _Wake(audit)
+    metrics = None
+    if opts.metrics_interval is not None:
+        from kvroom.metrics import KVMetrics
+
+        metrics = KVMetrics()
     try:
-        manager = _make_manager(role, opts)
+        manager, pool = _make_manager(role, opts, wake, metrics)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        wake.close()
         return
     try:
         conn.send(
             ("ready", {"addr": manager.bootstrap_addr, "pid": os.getpid(), "agent": manager.agent_name})
         )
-        loop = PrefillLoop(manager, conn, opts) if role == "prefill" else DecodeLoop(manager, conn, opts)
+        cls = PrefillLoop if role == "prefill" else DecodeLoop
+        loop = cls(manager, conn, opts, wake, pool, metrics)
         loop.run()
-        conn.send(("final", {"snapshot": manager.snapshot(), "unexpected": loop.unexpected}))
+        if audit is not None:
+            audit.flush()  # every record on disk before the parent may read the log
+        final: dict[str, Any] = {"snapshot": manager.snapshot(), "unexpected": loop.unexpected}
+        if metrics is not None:
+            final["metrics"] = list(metrics.registry.collect())
+        conn.send(("final", final))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:
         manager.close()
+        wake.close()
 
 
 def prefill_main(conn: Connection, opts: NodeOptions) -> None:
@@ -169,43 +284,104 @@ def decode_main(conn: Connection, opts: NodeOptions) -> None:
 class _Loop:
     role = ""
 
-    def __init__(self, manager: Any, conn: Connection, opts: NodeOptions) -> None:
+    def __init__(
+        self, manager: Any, conn: Connection, opts: NodeOptions, wake: _Wake, pool: np.ndarray, metrics: Any
+    ) -> None:
         self.m = manager
         self.conn = conn
         self.opts = opts
-        self.queue: list[RoomSpec] = []
+        self.wake = wake
+        self.pool = pool
+        self.metrics = metrics
+        self.pattern = PagePattern(opts.layers, pool.shape[2], seed=opts.seed)
+        self.queue: deque[RoomSpec] = deque()
         self.live: dict[int, dict[str, Any]] = {}
         self.pages = PageAllocator(opts.pool_pages)
         self.slots = list(range(opts.aux_slots))
         self.stopping = False
         self.unexpected: list[str] = []  # exceptions that escaped send()/poll()
         self.abort_requested: set[int] = set()
+        self.raw: Any = None
+        self._next_metrics = 0.0
+
+    def _timeout(self) -> float | None:
+        now = time.monotonic()
+        if self.opts.metrics_interval is None:
+            return None
+        return max(0.0, self._next_metrics - now)
 
     def run(self) -> None:
+        if self.opts.chunk_interval > 0:
+            self.run_ticks()
+            return
+        while not (self.stopping and not self.live and not self.queue):
+            wait([self.conn, self.wake.fd], self._timeout())
+            while self.conn.poll(0):
+                self.on_message(*self.conn.recv())
+            for room_id in self.wake.take():
+                if room_id in self.live:
+                    self.guarded(room_id, self.advance)
+            self.admit()  # after finishing rooms: their pages and slots are free again
+            self.idle()
+            self.report_metrics()
+
+    def run_ticks(self) -> None:
+        """A scheduler step every ``chunk_interval``: poll every live room, one chunk each."""
         while not (self.stopping and not self.live and not self.queue):
             while self.conn.poll(0):
-                kind, arg = self.conn.recv()
-                if kind == "rooms":
-                    self.queue.extend(arg)
-                elif kind == "abort":
-                    entry = self.live.get(arg)
-                    if entry is not None:
-                        entry["handle"].abort()
-                    else:  # not admitted yet: abort it as soon as it is
-                        self.abort_requested.add(arg)
-                elif kind == "stop":
-                    self.stopping = True
-                    self.queue.clear()
-                    for entry in self.live.values():
-                        entry["handle"].abort("node stopping")
+                self.on_message(*self.conn.recv())
+            self.wake.take()
             self.admit()
             for room_id in list(self.live):
-                try:
-                    self.advance(room_id)
-                except Exception as exc:  # must never happen: send()/poll() raise no transport errors
-                    self.unexpected.append(f"room {room_id}: {type(exc).__name__}: {exc}")
-                    self.finish(room_id, None)
-            time.sleep(0.001)
+                self.guarded(room_id, self.advance)
+            self.idle()
+            self.report_metrics()
+            time.sleep(self.opts.chunk_interval)
+
+    def report_metrics(self) -> None:
+        now = time.monotonic()
+        if self.opts.metrics_interval is not None and now >= self._next_metrics:
+            self._next_metrics = now + self.opts.metrics_interval
+            self.conn.send(("metrics", list(self.metrics.registry.collect())))
+
+    def guarded(self, room_id: int, step: Any) -> None:
+        try:
+            step(room_id)
+        except Exception as exc:  # must never happen: send()/poll() raise no transport errors
+            self.unexpected.append(f"room {room_id}: {type(exc).__name__}: {exc}")
+            if room_id in self.live:
+                self.finish(room_id, None)
+
+    def on_message(self, kind: str, arg: Any) -> None:
+        if kind == "rooms":
+            self.queue.extend(arg)
+        elif kind == "abort":
+            entry = self.live.get(arg)
+            if entry is not None:
+                entry["handle"].abort()
+            else:  # not admitted yet: abort it as soon as it is
+                self.abort_requested.add(arg)
+        elif kind == "stop":
+            self.stopping = True
+            self.queue.clear()
+            for entry in self.live.values():
+                entry["handle"].abort("node stopping")
+        elif kind.startswith("raw_"):
+            self.on_raw(kind, arg)
+
+    def on_raw(self, kind: str, arg: Any) -> None:
+        from kvroom.demo.raw import RawAgent
+
+        if kind == "raw_open":
+            self.raw = RawAgent(self.role, self.m.pool.layers, self.opts.pool_pages, self.pool.shape[2])
+            self.conn.send(("raw", self.raw.info()))
+        elif kind == "raw_close" and self.raw is not None:
+            self.raw.close()
+            self.raw = None
+            self.conn.send(("raw", {"closed": True}))
+
+    def idle(self) -> None:
+        """Called once per loop turn (decode drives its raw agent here)."""
 
     def admit(self) -> None:
         while self.queue and len(self.live) < self.opts.concurrency and self.slots:
@@ -213,10 +389,10 @@ class _Loop:
             pages = self.pages.alloc(spec.pages)
             if pages is None:
                 return
-            self.queue.pop(0)
+            self.queue.popleft()
             slot = self.slots.pop()
             try:
-                handle = self.create(spec)
+                handle = self.create(spec, pages, slot)
             except Exception as exc:
                 self.unexpected.append(f"room {spec.room}: create: {type(exc).__name__}: {exc}")
                 self.pages.release(pages)
@@ -231,8 +407,13 @@ class _Loop:
                 "sent": 0,
                 "ready": False,
             }
+            if spec.room in self.abort_requested:
+                self.abort_requested.discard(spec.room)
+                handle.abort()
+            if self.opts.chunk_interval <= 0:  # event-driven: no tick will look at it
+                self.guarded(spec.room, self.advance)
 
-    def create(self, spec: RoomSpec) -> Any:
+    def create(self, spec: RoomSpec, pages: torch.Tensor, slot: int) -> Any:
         raise NotImplementedError
 
     def advance(self, room_id: int) -> None:
@@ -247,43 +428,74 @@ class _Loop:
             handle.clear()
         except Exception as exc:
             self.unexpected.append(f"room {room_id}: clear: {type(exc).__name__}: {exc}")
-        result = _result(handle, state, self.role, self.opts, entry["started"], verified, nbytes)
+        finished = self.wake.ended.pop(room_id, None) or time.monotonic()
+        result = _result(handle, state, self.role, self.opts, entry["started"], finished, verified, nbytes)
         self.pages.release(entry["pages"])
         self.slots.append(entry["slot"])
         self.conn.send(("done", result))
 
 
 class PrefillLoop(_Loop):
-    """A prefill scheduler: once decode's page list is in, fill pages and send chunks."""
+    """A prefill scheduler: stamp a room's pages, send its chunks once decode is ready."""
 
     role = "prefill"
 
-    def create(self, spec: RoomSpec) -> Any:
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.stepping = self.opts.chunk_interval > 0
+        if not self.stepping:
+            self.pattern.prepare(self.pool)  # the pool's "KV", computed once
+
+    def create(self, spec: RoomSpec, pages: torch.Tensor, slot: int) -> Any:
         from kvroom import KVSender
 
-        return KVSender(self.m, self.m.bootstrap_addr, spec.room)
+        sender = KVSender(self.m, self.m.bootstrap_addr, spec.room)
+        if not self.stepping:
+            request = np.arange(spec.prefix_pages, spec.pages)
+            self.pattern.stamp(self.pool, spec.room, request, pages[spec.prefix_pages :].numpy())
+            fill_aux(self.m.pool.aux, slot, spec.room)
+        return sender
 
     def advance(self, room_id: int) -> None:
         from kvroom import KVPoll
 
         entry = self.live[room_id]
-        handle, spec, pages = entry["handle"], entry["spec"], entry["pages"]
-        state = handle.poll()
+        state = entry["handle"].poll()
         if state in (KVPoll.Success, KVPoll.Failed):
             self.finish(room_id, None)
             return
         if state is KVPoll.Bootstrapping:
             return
+        spec = entry["spec"]
         if not entry["ready"]:
-            fill_pages(self.m.pool.layers, spec.room, range(spec.pages), pages)
-            fill_aux(self.m.pool.aux, entry["slot"], spec.room)
-            handle.init(spec.pages, aux_index=entry["slot"])
+            if self.stepping:  # this request's forward pass
+                fill_pages(self.m.pool.layers, spec.room, range(spec.pages), entry["pages"])
+                fill_aux(self.m.pool.aux, entry["slot"], spec.room)
+            entry["handle"].init(spec.pages, aux_index=entry["slot"])
             entry["ready"] = True
+        if self.opts.chunk_interval <= 0:  # event-driven: every chunk now
+            while entry["sent"] < spec.pages:
+                self.send_chunk(entry)
+        elif entry["sent"] < spec.pages:  # ticks: one chunk per tick
+            self.send_chunk(entry)
+
+    def send_chunk(self, entry: dict[str, Any]) -> None:
         sent = entry["sent"]
-        if sent < spec.pages:
-            chunk = pages[sent : sent + self.opts.chunk_pages]
-            handle.send(chunk)
-            entry["sent"] = sent + chunk.numel()
+        chunk = entry["pages"][sent : sent + self.opts.chunk_pages]
+        entry["handle"].send(chunk)
+        entry["sent"] = sent + chunk.numel()
+
+    def on_raw(self, kind: str, arg: Any) -> None:
+        if kind == "raw_run":
+            from kvroom.demo.raw import RawAgent, raw_writes
+
+            agent = RawAgent(self.role, self.m.pool.layers, self.opts.pool_pages, self.pool.shape[2])
+            try:
+                self.conn.send(("raw", raw_writes(agent, **arg)))
+            finally:
+                agent.close()
+        else:
+            super().on_raw(kind, arg)
 
 
 class DecodeLoop(_Loop):
@@ -291,33 +503,47 @@ class DecodeLoop(_Loop):
 
     role = "decode"
 
-    def create(self, spec: RoomSpec) -> Any:
+    def create(self, spec: RoomSpec, pages: torch.Tensor, slot: int) -> Any:
         from kvroom import KVReceiver
 
         receiver = KVReceiver(self.m, self.opts.bootstrap_addr, spec.room)
         receiver.init()
+        if self.opts.chunk_interval <= 0:
+            self.send_metadata(receiver, spec, pages, slot)
         return receiver
+
+    def send_metadata(self, receiver: Any, spec: RoomSpec, pages: torch.Tensor, slot: int) -> None:
+        self.m.pool.aux[slot].zero_()
+        prefix = spec.prefix_pages
+        tokens = prefix * (self.opts.page_shape[0] if self.opts.page_shape else 1)
+        receiver.send_metadata(pages[prefix:], aux_index=slot, decode_prefix_len=tokens)
 
     def advance(self, room_id: int) -> None:
         from kvroom import KVPoll
 
         entry = self.live[room_id]
-        handle, spec, pages = entry["handle"], entry["spec"], entry["pages"]
+        spec, pages = entry["spec"], entry["pages"]
         if not entry["ready"]:
             entry["ready"] = True
-            self.m.pool.aux[entry["slot"]].zero_()
-            handle.send_metadata(
-                pages[spec.prefix_pages :], aux_index=entry["slot"], decode_prefix_len=spec.prefix_pages
-            )
-            return
-        state = handle.poll()
+            if self.opts.chunk_interval > 0:  # stepping: the page list goes out on the first step
+                self.send_metadata(entry["handle"], spec, pages, entry["slot"])
+                return
+        state = entry["handle"].poll()
         if state is KVPoll.Success:
-            ok = expected_pages(
-                self.m.pool.layers,
-                spec.room,
-                range(spec.prefix_pages, spec.pages),
-                pages[spec.prefix_pages :],
-            ) and aux_matches(self.m.pool.aux, entry["slot"], spec.room)
-            self.finish(room_id, ok)
+            if self.opts.chunk_interval > 0:
+                request = range(spec.prefix_pages, spec.pages)
+                ok = expected_pages(self.m.pool.layers, spec.room, request, pages[spec.prefix_pages :])
+            else:
+                got = pages[spec.prefix_pages :].numpy()
+                ok = self.pattern.check(self.pool, spec.room, np.arange(spec.prefix_pages, spec.pages), got)
+            self.finish(room_id, ok and aux_matches(self.m.pool.aux, entry["slot"], spec.room))
         elif state is KVPoll.Failed:
             self.finish(room_id, None)
+
+    def _timeout(self) -> float | None:
+        timeout = super()._timeout()
+        return 0.001 if self.raw is not None else timeout  # keep the raw agent progressing
+
+    def idle(self) -> None:
+        if self.raw is not None:
+            self.raw.drain()

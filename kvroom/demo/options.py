@@ -16,16 +16,54 @@ def _positive(text: str) -> int:
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``p``."""
+    from kvroom.demo.models import DEFAULT_MODEL, MODELS
+
     p.add_argument("--requests", type=_positive, default=300, help="number of requests (default 300)")
     p.add_argument("--decodes", type=_positive, default=2, help="decode processes (default 2)")
+    p.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default=DEFAULT_MODEL,
+        help=f"KV shape of the pages (default {DEFAULT_MODEL}): "
+        + "; ".join(
+            f"{m.name}: {m.layers} layers, {m.kv_heads} KV heads x {m.head_dim} {m.dtype}, "
+            f"{m.page_size}-token pages" + (f" ({m.note})" if m.note else "")
+            for m in MODELS.values()
+        ),
+    )
+    p.add_argument(
+        "--layers", type=_positive, default=None, help="model layers to move (default: the preset's)"
+    )
+    p.add_argument(
+        "--page-kib",
+        type=_positive,
+        default=None,
+        help="opaque pages of N KiB a layer, not --model",
+    )
     p.add_argument("--min-pages", type=_positive, default=1, help="fewest pages per request")
-    p.add_argument("--max-pages", type=_positive, default=32, help="most pages per request")
-    p.add_argument("--chunk-pages", type=_positive, default=8, help="pages per send() chunk")
-    p.add_argument("--page-kib", type=_positive, default=16, help="bytes per page per layer, in KiB")
-    p.add_argument("--layers", type=_positive, default=4, help="KV layers")
-    p.add_argument("--concurrency", type=_positive, default=32, help="rooms in flight per decode")
+    p.add_argument("--max-pages", type=_positive, default=64, help="most pages per request (default 64)")
+    p.add_argument("--chunk-pages", type=_positive, default=16, help="pages per send() chunk (default 16)")
+    p.add_argument(
+        "--concurrency", type=_positive, default=16, help="rooms in flight in the whole cluster (default 16)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--chaos", action="store_true", help="inject faults: kills, restarts, stops, aborts")
+    p.add_argument(
+        "--no-raw", dest="raw", action="store_false", help="skip the raw NIXL comparison after the rooms"
+    )
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on port N (0: any)",
+    )
+    p.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=5.0,
+        help="seconds to keep serving /metrics after the summary (default 5)",
+    )
     p.add_argument("--audit-log", help="where to write the JSON-lines audit log")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     p.add_argument("--port", type=int, default=0, help="prefill bootstrap port (default: a free one)")

@@ -1,7 +1,8 @@
 """A deterministic workload: rooms, their sizes, and the bytes of every page.
 
-Page contents are a pure function of (room, request page, layer), so a decode
-process can verify what arrived without seeing prefill's memory.
+Page contents are a pure function of (room, request page, tensor)
+(:class:`PagePattern`), so a decode process can verify what arrived without
+seeing prefill's memory.
 """
 
 from __future__ import annotations
@@ -9,9 +10,19 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-__all__ = ["RoomSpec", "make_rooms", "fill_pages", "expected_pages", "fill_aux", "PageAllocator"]
+__all__ = [
+    "RoomSpec",
+    "make_rooms",
+    "PagePattern",
+    "fill_pages",
+    "expected_pages",
+    "fill_aux",
+    "aux_matches",
+    "PageAllocator",
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,79 @@ def make_rooms(
     return rooms
 
 
+class PagePattern:
+    """Page contents made once per process and checked exactly, at memory speed.
+
+    A bank of ``bank_rows`` random pages per pool tensor is drawn once from
+    ``seed`` (the same on every process).  :meth:`prepare` fills every page of
+    prefill's pool once: slot ``s`` of tensor ``t`` holds bank row
+    ``s % bank_rows`` of tensor ``t`` (its "KV").  Per room prefill only
+    :meth:`stamp` marks the first 16 bytes of each page it sends with (room,
+    request page, tensor, source slot).  Decode :meth:`check` reads every byte: the
+    stamp must name this room, page and tensor, and the rest must equal the
+    bank row of the source slot it names.  A page of another room, a stale
+    page, a shifted or partial write all fail.  Everything is a few vectorised
+    numpy calls over all tensors (numpy's gathers run at memory speed here,
+    several times faster than torch's CPU kernels for uint8).  Decode compares
+    in place, without gathered copies.
+
+    ``pool``: the pool's tensors as one ``[tensors, pages, page_bytes]`` uint8
+    array (a zero-copy numpy view of the registered memory).
+    """
+
+    STAMP = 16  # bytes: int64 room << 24 | request page, int64 source slot << 16 | tensor
+
+    def __init__(self, tensors: int, page_bytes: int, seed: int = 0, bank_rows: int = 16) -> None:
+        if page_bytes % 8 or page_bytes < 2 * self.STAMP:
+            raise ValueError("page bytes must be a multiple of 8 and hold a 16-byte stamp")
+        rng = np.random.default_rng(seed)
+        self.bank = rng.integers(0, 256, (tensors, bank_rows, page_bytes), dtype=np.uint8)
+        self.rows = bank_rows
+        self.tensors = tensors
+        self.page_bytes = page_bytes
+        self._tensor_ids = np.arange(tensors, dtype=np.int64)[:, None]
+        self._bank64 = self.bank.view(np.uint64)
+
+    def prepare(self, pool: np.ndarray) -> None:
+        """Prefill, once: every slot's body from the bank."""
+        slots = np.arange(pool.shape[1]) % self.rows
+        # mode="clip": with out= and the default "raise", numpy copies through a temporary
+        np.take(self.bank, slots, axis=1, out=pool, mode="clip")
+
+    def _stamps(self, room: int, request_pages: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        req = np.asarray(request_pages, dtype=np.int64)
+        src = np.asarray(slots, dtype=np.int64)
+        stamps = np.empty((self.tensors, req.size, 2), "<i8")
+        stamps[:, :, 0] = (room << 24) | req[None, :]
+        stamps[:, :, 1] = (src[None, :] << 16) | self._tensor_ids
+        return stamps
+
+    def stamp(self, pool: np.ndarray, room: int, request_pages: np.ndarray, slots: np.ndarray) -> None:
+        """Prefill, per room: mark pool pages ``slots`` as ``request_pages`` of ``room``."""
+        stamps = self._stamps(room, request_pages, slots).view(np.uint8)
+        pool[:, np.asarray(slots), : self.STAMP] = stamps
+
+    def check(self, pool: np.ndarray, room: int, request_pages: np.ndarray, slots: np.ndarray) -> bool:
+        """Decode: True when pool pages ``slots`` hold exactly ``request_pages`` of ``room``.
+
+        Compares in place, page by page in 8-byte words (no gathered copies: the
+        check reads each received byte once and writes almost nothing, so it
+        leaves the memory bandwidth to the transfers).
+        """
+        slots = np.asarray(slots)
+        if slots.size == 0:
+            return True
+        head = pool[:, slots, : self.STAMP].copy().view("<i8")  # [tensors, n, 2]
+        src = head[0, :, 1] >> 16  # the prefill slot each page says it came from
+        if src.min() < 0 or not np.array_equal(head, self._stamps(room, request_pages, src)):
+            return False
+        words, bank, skip = pool.view(np.uint64), self._bank64, self.STAMP // 8
+        for slot, row in zip(slots.tolist(), (src % self.rows).tolist(), strict=True):
+            if not np.array_equal(words[:, slot, skip:], bank[:, row, skip:]):
+                return False
+        return True
+
+
 def _pattern(room: int, pages: torch.Tensor, layer: int, width: int) -> torch.Tensor:
     base = (room * 131 + layer * 7) % 251
     col = torch.arange(width, dtype=torch.int64)
@@ -46,7 +130,12 @@ def _pattern(room: int, pages: torch.Tensor, layer: int, width: int) -> torch.Te
 
 
 def fill_pages(layers: list[torch.Tensor], room: int, request_pages: range, slots: torch.Tensor) -> None:
-    """Write the pattern of ``request_pages`` of ``room`` into pool ``slots``."""
+    """Compute the pattern of ``request_pages`` of ``room`` into pool ``slots``, per room.
+
+    The stepping nodes' "forward pass" (torch, a few ms a room): the fault
+    tests' timing was tuned with it.  The demo's event-driven nodes use
+    :class:`PagePattern` instead.
+    """
     req = torch.tensor(list(request_pages), dtype=torch.int64)
     for layer, tensor in enumerate(layers):
         view = tensor.view(tensor.shape[0], -1).view(torch.uint8)
@@ -54,7 +143,7 @@ def fill_pages(layers: list[torch.Tensor], room: int, request_pages: range, slot
 
 
 def expected_pages(layers: list[torch.Tensor], room: int, request_pages: range, slots: torch.Tensor) -> bool:
-    """True when pool ``slots`` hold exactly the pattern of ``request_pages``."""
+    """True when pool ``slots`` hold exactly the :func:`fill_pages` pattern of ``request_pages``."""
     req = torch.tensor(list(request_pages), dtype=torch.int64)
     for layer, tensor in enumerate(layers):
         view = tensor.view(tensor.shape[0], -1).view(torch.uint8)
@@ -66,13 +155,18 @@ def expected_pages(layers: list[torch.Tensor], room: int, request_pages: range, 
 def fill_aux(aux: torch.Tensor, slot: int, room: int) -> None:
     """Aux slot contents of a room (its id, repeated)."""
     row = aux[slot].view(-1).view(torch.uint8)
-    row[:] = _pattern(room, torch.tensor([10**6]), 99, row.numel())[0]
+    row[:] = _aux_row(room, row.numel())
 
 
 def aux_matches(aux: torch.Tensor, slot: int, room: int) -> bool:
     """True when the aux slot holds the room's aux contents."""
     row = aux[slot].view(-1).view(torch.uint8)
-    return torch.equal(row, _pattern(room, torch.tensor([10**6]), 99, row.numel())[0])
+    return torch.equal(row, _aux_row(room, row.numel()))
+
+
+def _aux_row(room: int, width: int) -> torch.Tensor:
+    stamp = torch.tensor([room * 2654435761 % 2**63], dtype=torch.int64).view(torch.uint8)
+    return stamp.repeat(width // 8 + 1)[:width]
 
 
 class PageAllocator:

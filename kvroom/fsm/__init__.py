@@ -4,7 +4,14 @@ No NIXL, no sockets, no clocks, no logging: time is passed in and every
 transition is reported to an :class:`~kvroom.fsm.observer.Observer`.
 """
 
-from kvroom.fsm.observer import CleanupRecord, IgnoredRecord, Observer, RecordingObserver, TransitionRecord
+from kvroom.fsm.observer import (
+    CleanupRecord,
+    CreatedRecord,
+    IgnoredRecord,
+    Observer,
+    RecordingObserver,
+    TransitionRecord,
+)
 from kvroom.fsm.room import Room
 from kvroom.fsm.spec import MACHINES, RULES, TERMINAL, Event, KVPoll, Origin, Role, Rule, build_machine
 from kvroom.fsm.stores import KeyedStore, RoomStore, Store
@@ -33,4 +40,5 @@ __all__ = [
     "TransitionRecord",
     "CleanupRecord",
     "IgnoredRecord",
+    "CreatedRecord",
 ]

@@ -10,7 +10,23 @@ from typing import NamedTuple, Protocol
 
 from kvroom.fsm.spec import Event, KVPoll, Role
 
-__all__ = ["TransitionRecord", "CleanupRecord", "IgnoredRecord", "Observer", "RecordingObserver"]
+__all__ = [
+    "CreatedRecord",
+    "TransitionRecord",
+    "CleanupRecord",
+    "IgnoredRecord",
+    "Observer",
+    "RecordingObserver",
+]
+
+
+class CreatedRecord(NamedTuple):
+    """A room was created in Bootstrapping (so time spent there can be measured)."""
+
+    room: int
+    role: Role
+    peer: str | None
+    time: float
 
 
 class TransitionRecord(NamedTuple):
@@ -47,10 +63,14 @@ class IgnoredRecord(NamedTuple):
 
 
 class Observer(Protocol):
-    """Receives every transition, cleanup and ignored event, in order per room.
+    """Receives every creation, transition, cleanup and ignored event, in order per room.
 
-    Called with the room's lock held: an observer must not fire events itself.
+    Called with the room's lock held (``on_create``: before the room is
+    visible to other threads): an observer must not fire events itself.
     """
+
+    def on_create(self, record: CreatedRecord) -> None:
+        """A room was created."""
 
     def on_transition(self, record: TransitionRecord) -> None:
         """A transition happened."""
@@ -66,9 +86,14 @@ class RecordingObserver:
     """Keeps every record in lists; for tests and small tools."""
 
     def __init__(self) -> None:
+        self.created: list[CreatedRecord] = []
         self.transitions: list[TransitionRecord] = []
         self.cleanups: list[CleanupRecord] = []
         self.ignored: list[IgnoredRecord] = []
+
+    def on_create(self, record: CreatedRecord) -> None:
+        """Append the record."""
+        self.created.append(record)
 
     def on_transition(self, record: TransitionRecord) -> None:
         """Append the record."""

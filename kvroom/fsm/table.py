@@ -31,7 +31,7 @@ from kvroom.errors import (
     RoomAbortedError,
     RoomStateError,
 )
-from kvroom.fsm.observer import CleanupRecord, IgnoredRecord, Observer, TransitionRecord
+from kvroom.fsm.observer import CleanupRecord, CreatedRecord, IgnoredRecord, Observer, TransitionRecord
 from kvroom.fsm.room import Room
 from kvroom.fsm.spec import MACHINES, ORIGIN, Event, KVPoll, Origin, Role
 from kvroom.fsm.stores import KeyedStore, RoomStore, Store
@@ -148,6 +148,8 @@ class RoomTable:
         self.deadlines = deadlines or Deadlines()
         # None when nobody listens: no record is even built on the hot path
         self._observer: Observer | None = observer
+        # observers written before creation was an event may lack on_create
+        self._on_create: Callable[[CreatedRecord], None] | None = getattr(observer, "on_create", None)
         self._rules, self._enter = _COMPILED[role]
         self._state_deadline = [self.deadlines.for_state(s) for s in KVPoll]
         self._rooms: dict[int, Room] = {}
@@ -202,11 +204,14 @@ class RoomTable:
         if not isinstance(room_id, int) or isinstance(room_id, bool):
             raise TypeError(f"room id must be an int, got {type(room_id).__name__}")
         room = Room(room_id, self.role, self, now, (peer,) if peer is not None else peers)
-        existing = self._rooms.setdefault(room_id, room)
-        if existing is not room:
-            raise DuplicateRoomError(
-                f"room {room_id} ({self.role.value}) already exists in state {existing.state.name}"
-            )
+        with room.lock:  # reported before any transition another thread may fire on it
+            existing = self._rooms.setdefault(room_id, room)
+            if existing is not room:
+                raise DuplicateRoomError(
+                    f"room {room_id} ({self.role.value}) already exists in state {existing.state.name}"
+                )
+            if self._on_create is not None:
+                self._on_create(CreatedRecord(room_id, self.role, room.peer, now))
         self._arm_deadline(room, KVPoll.Bootstrapping, now)
         return room
 

@@ -1,0 +1,132 @@
+"""The raw figure: the demo's bytes moved by a plain NIXL WRITE loop between the same processes.
+
+After the rooms ran, each demo process opens a second, bare NIXL agent over
+the very tensors of its kvroom pool (progress thread off, as kvroom runs it).
+Prefill then posts the run's WRITEs (per room of the run, one per chunk of
+``chunk_pages``, as kvroom posts them: the same page counts and page sizes,
+sorted random page lists on both sides, runs coalesced the way kvroom
+coalesces them, one notification each), keeping at most ``concurrency``
+rooms' WRITEs in flight, and spins on their states until all are DONE.
+It also times WRITEs of one median-size room, one at a time: the floor for a
+room's latency.  No rooms, no control messages, no verification.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from kvroom.transport.descriptors import page_runs, run_descriptors
+
+__all__ = ["RawAgent", "raw_writes"]
+
+
+class RawAgent:
+    """A bare NIXL agent registering ``tensors`` (the kvroom pool's layer tensors)."""
+
+    def __init__(self, role: str, tensors: list[Any], pool_pages: int, page_bytes: int) -> None:
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.name = f"raw-{role}-{uuid.uuid4().hex[:8]}"
+        self.agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self._regs = [self.agent.register_memory(t) for t in tensors]
+        self.bases = [int(t.data_ptr()) for t in tensors]
+        self.pool_pages = pool_pages
+        self.page_bytes = page_bytes
+
+    def info(self) -> dict[str, Any]:
+        """What the initiator needs: metadata and layer addresses."""
+        return {"md": self.agent.get_agent_metadata(), "bases": self.bases, "pages": self.pool_pages}
+
+    def drain(self) -> int:
+        """Progress and drop notifications; returns how many arrived."""
+        return sum(len(v) for v in self.agent.get_new_notifs().values())
+
+    def close(self) -> None:
+        """Deregister the memory (the tensors stay kvroom's)."""
+        for reg in self._regs:
+            self.agent.deregister_memory(reg)
+        self._regs = []
+
+
+def _pages(rng: np.random.Generator, pool_pages: int, n: int) -> np.ndarray:
+    return np.sort(rng.choice(pool_pages, size=n, replace=False)).astype(np.int64)
+
+
+def raw_writes(
+    agent: RawAgent,
+    peers: dict[int, dict[str, Any]],
+    rooms: list[tuple[int, int]],
+    concurrency: int,
+    median_pages: int,
+    chunk_pages: int = 0,
+    repeats: int = 15,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Prefill: WRITE ``rooms`` (decode index, pages) to ``peers``; returns seconds and room times.
+
+    ``peers``: decode index -> :meth:`RawAgent.info`; ``chunk_pages`` 0: one
+    WRITE per room.  Returns ``seconds`` (the whole loop), ``bytes`` and
+    ``room_seconds`` (each of ``repeats`` moves of one ``median_pages`` room,
+    alone).
+    """
+    nixl = agent.agent
+    names = {index: nixl.add_remote_agent(info["md"]) for index, info in peers.items()}
+    rng = np.random.default_rng(seed)
+    page_bytes = agent.page_bytes
+
+    def prepare(decode: int, npages: int) -> list[tuple[Any, Any, Any]]:
+        """The descriptor lists of one room's WRITEs (one per chunk)."""
+        src = _pages(rng, agent.pool_pages, npages)
+        dst = _pages(rng, int(peers[decode]["pages"]), npages)
+        step = chunk_pages or npages
+        writes = []
+        for lo in range(0, npages, step):
+            s, d, n = page_runs(src[lo : lo + step], dst[lo : lo + step])
+            local = nixl.get_xfer_descs(run_descriptors(agent.bases, page_bytes, s, n), "DRAM")
+            remote = nixl.get_xfer_descs(run_descriptors(peers[decode]["bases"], page_bytes, d, n), "DRAM")
+            writes.append((local, remote, names[decode]))
+        return writes
+
+    def post(write: tuple[Any, Any, Any]) -> Any:
+        handle = nixl.initialize_xfer("WRITE", write[0], write[1], write[2], b"raw")
+        nixl.transfer(handle)
+        return handle
+
+    posts = [prepare(decode, npages) for decode, npages in rooms if npages > 0]  # built before timing
+    total = sum(npages for _, npages in rooms) * page_bytes * len(agent.bases)
+    start = time.perf_counter()
+    in_flight: list[list[Any]] = []  # per room, its WRITEs' handles
+    for room in posts:
+        while len(in_flight) >= concurrency:
+            in_flight = [still for handles in in_flight if (still := _reap(nixl, handles))]
+        in_flight.append([post(write) for write in room])
+    while in_flight:
+        in_flight = [still for handles in in_flight if (still := _reap(nixl, handles))]
+    seconds = time.perf_counter() - start
+    room_seconds = []
+    first = min(peers)
+    for _ in range(repeats):
+        writes = prepare(first, max(1, median_pages))
+        t0 = time.perf_counter()
+        handles = [post(write) for write in writes]
+        while handles:
+            handles = _reap(nixl, handles)
+        room_seconds.append(time.perf_counter() - t0)
+    for name in names.values():
+        nixl.remove_remote_agent(name.decode() if isinstance(name, bytes) else name)
+    count = sum(len(room) for room in posts)
+    return {"seconds": seconds, "bytes": total, "room_seconds": room_seconds, "writes": count}
+
+
+def _reap(nixl: Any, handles: list[Any]) -> list[Any]:
+    still = []
+    for handle in handles:
+        if nixl.check_xfer_state(handle) == "DONE":
+            nixl.release_xfer_handle(handle)
+        else:
+            still.append(handle)
+    return still
