@@ -305,7 +305,8 @@ class PrefillSide:
             notif = notif_message(room.id, seq, w.start, w.npages, final.get(peer.agent) == i)
             ends_room = last and i == len(writes) - 1
             got = self._write(room, peer, w.local, w.local_mem, w.remote, w.remote_mem, notif, ends_room)
-            if got is None:
+            if got is None:  # the room failed: what was posted still drains before decode is told
+                self.active.extend(t for t, _ in posted)
                 return
             posted.append(got)
         # only now, with every WRITE of the chunk counted, may completions finish the room

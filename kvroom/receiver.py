@@ -66,6 +66,8 @@ class KVReceiver(RoomHandle):
         aux_rows = regions.items("aux")
         if aux_index is not None and aux_rows is not None and not 0 <= aux_index < aux_rows:
             raise ValueError(f"aux_index {aux_index} out of range for {aux_rows} aux slots")
+        if aux_rows is None:  # a pipeline stage without aux buffers: nothing to receive there
+            aux_index = None
         state = state_rows(state_indices, regions, f"room {room.id}")
         page_size = regions.layout.model.page_size
         if not isinstance(decode_prefix_len, int) or decode_prefix_len < 0 or decode_prefix_len % page_size:
