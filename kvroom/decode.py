@@ -17,23 +17,22 @@ byte is in place.  Which input does what in which phase is the table of
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 import zmq
 
+from kvroom.decode_staging import DecodeStaging
 from kvroom.errors import (
     IncompatiblePeerError,
     PeerLostError,
     ProtocolError,
     RemoteFailureError,
-    StagingExhaustedError,
 )
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
-from kvroom.planning import Assignment, RankLayout
+from kvroom.planning import RankLayout
 from kvroom.protocol import DecodeVerdict, Fire, Input, Msg
 from kvroom.shares import Source, decode_sources, kv_heads
 from kvroom.transport.codec import Message
@@ -42,7 +41,7 @@ from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify
 from kvroom.transport.layout import range_overlap
 from kvroom.transport.notif import Notif, parse_notif
-from kvroom.transport.staging import Reservation, StagingStore, chunk_count, chunk_pages, scatter_chunk
+from kvroom.transport.staging import Reservation, StagingStore, chunk_count
 
 if TYPE_CHECKING:
     from kvroom.manager import KVManager
@@ -75,7 +74,7 @@ class ReceivePlan:
     sent: bool = False
 
 
-class DecodeSide:
+class DecodeSide(DecodeStaging):
     """Everything the decode manager's worker does."""
 
     def __init__(self, manager: KVManager) -> None:
@@ -92,6 +91,7 @@ class DecodeSide:
         self.peers: dict[str, PrefillPeer] = {}
         self.by_agent: dict[str, PrefillPeer] = {}
         self._registered: set[Any] = set()
+        self._shares: dict[tuple[str, ...], list[Source]] = {}  # the assignment per set of peers
         self.waiting_staging: list[Room] = []  # rooms whose page list waits for ring space
         # staging reserved for rooms not created yet: room id -> (reservations, pages, expiry)
         self._early: dict[int, tuple[dict[tuple[Hashable, ...], Reservation], int, float]] = {}
@@ -180,91 +180,6 @@ class DecodeSide:
 
     def on_transition(self, record: TransitionRecord) -> None:
         """Observer hook: nothing to do on decode."""
-
-    # -- staging prefetch (any thread) ----------------------------------------------
-
-    def staging_needs(self, addresses: Sequence[str], num_pages: int) -> dict[tuple[Hashable, ...], int]:
-        """Units per ``(chunk, session)`` a room of ``num_pages`` pages needs from these ranks.
-
-        Prefill rank ``i`` of ``len(addresses)`` is assumed to hold an equal
-        share of the model's heads (what the handshake later checks).
-        """
-        if self.m.tensors is None:
-            return {}  # only a tensor pool stages
-        mine = self.m.tensors.layout
-        ranks = len(addresses)
-        if mine.total_heads % ranks:
-            raise ValueError(f"{mine.total_heads} KV heads do not split over {ranks} prefill ranks")
-        per_rank = mine.total_heads // ranks
-        size = self.m.config.staging_chunk_pages
-        needs: dict[tuple[Hashable, ...], int] = {}
-        for rank, address in enumerate(addresses):
-            theirs = (rank * per_rank, (rank + 1) * per_rank)
-            if range_overlap(theirs, mine.heads) is None or not self._stages(theirs):
-                continue
-            for c in range(chunk_count(num_pages, size)):
-                needs[(c, address)] = chunk_pages(num_pages, size, c) * per_rank * mine.layers
-        return needs
-
-    def _stages(self, theirs: tuple[int, int] | None) -> bool:
-        """Whether pages of a rank holding ``theirs`` heads go through the ring (tensor pools only)."""
-        mode, tensors = self.m.config.transfer_mode, self.m.tensors
-        if tensors is None or theirs is None:
-            return False
-        return mode == "staging" or (mode == "auto" and theirs != tensors.layout.heads)
-
-    def _stages_entries(self, source: RankLayout, entries: tuple[Assignment, ...]) -> bool:
-        return self._stages(kv_heads(source))
-
-    def prefetch(self, room_id: int, addresses: Sequence[str], num_pages: int) -> bool:
-        """Reserve staging for a room now (it may not exist yet); False when the ring is full."""
-        needs = self.staging_needs(addresses, num_pages)
-        got: dict[tuple[Hashable, ...], Reservation] = {}
-        for key, units in needs.items():
-            res = self.ring.alloc(units)
-            if res is None:
-                for r in got.values():
-                    self.ring.release(r)
-                return False
-            got[(room_id, *key)] = res
-        room = self.m.table.get(room_id)
-        if room is not None:
-            return self._adopt(room, got, num_pages)
-        with self._early_lock:
-            old = self._early.pop(room_id, None)
-            for res in (old[0] if old else {}).values():
-                self.ring.release(res)
-            if len(self._early) >= self.m.config.pending_limit:
-                for res in got.values():
-                    self.ring.release(res)
-                return False
-            self._early[room_id] = (got, num_pages, self.m.clock() + self.m.config.pending_ttl)
-        room = self.m.table.get(room_id)  # created meanwhile: hand it over now
-        if room is not None:
-            self.adopt_prefetch(room)
-        return True
-
-    def adopt_prefetch(self, room: Room) -> None:
-        """A new room takes over staging reserved before it existed."""
-        with self._early_lock:
-            entry = self._early.pop(room.id, None)
-        if entry is not None:
-            self._adopt(room, entry[0], entry[1])
-
-    def _adopt(self, room: Room, got: dict[tuple[Hashable, ...], Reservation], num_pages: int) -> bool:
-        """Move reservations into the room's stores; released if the room is gone."""
-        with room.lock:
-            if room.live and not self.plans.get(room.id):
-                for key, res in got.items():
-                    old = self.staging.get(key)
-                    if old is not None:
-                        self.ring.release(old)
-                    self.staging.put_locked(room, key, res)
-                self.prefetched.put_locked(room, num_pages)
-                return True
-        for res in got.values():
-            self.ring.release(res)
-        return False
 
     # -- commands from receivers --------------------------------------------------
 
@@ -363,52 +278,22 @@ class DecodeSide:
                 )
                 self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
                 return None
-        try:
-            shares = decode_sources(self.m.regions.layout, layouts, self._stages_entries)
-        except IncompatiblePeerError as exc:
-            self.m.fire(room, Event.TRANSPORT_ERROR, error=IncompatiblePeerError(f"room {room.id}: {exc}"))
-            return None
-        return {p.address: share for p, share in zip(peers, shares, strict=True)}
-
-    def _reservation(self, room: Room, chunk: int, address: str) -> Reservation:
-        res = self.staging.get((room.id, chunk, address))
-        assert res is not None
-        return res
-
-    def _reserve(self, room: Room, plan: ReceivePlan, sources: dict[str, Source]) -> bool:
-        """Hold staging for every staged chunk; False when the room must wait (or failed)."""
-        needs = {
-            (room.id, *key): units
-            for key, units in self.staging_needs(list(sources), int(plan.pages.size)).items()
-            if sources[str(key[1])].staged
+        key = tuple(str(p.agent) for p in peers)  # a new incarnation is a new agent: a new key
+        shares = self._shares.get(key)
+        if shares is None:
+            try:
+                shares = decode_sources(self.m.regions.layout, layouts, lambda s: self._stages(kv_heads(s)))
+            except IncompatiblePeerError as exc:
+                error = IncompatiblePeerError(f"room {room.id}: {exc}")
+                self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
+                return None
+            if len(self._shares) >= 64:
+                self._shares.clear()
+            self._shares[key] = shares
+        return {  # fresh progress per room
+            p.address: Source(s.writes, s.pages, s.staged, s.heads, s.src_heads)
+            for p, s in zip(peers, shares, strict=True)
         }
-        total = sum(needs.values())
-        if total > self.ring.capacity:
-            error = StagingExhaustedError(
-                f"room {room.id} needs {total} staging units, the ring holds {self.ring.capacity}; "
-                "build the decode KVPool with more staging_pages or a smaller staging_chunk_pages"
-            )
-            self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
-            return False
-        for key in self.staging.keys_of(room.id):
-            res = self.staging.get(key)
-            if res is not None and needs.get(key) != res.units:
-                self.staging.pop(room, key)  # prefetched for another shape: give it back
-        new: list[tuple[Hashable, ...]] = []
-        for key, units in needs.items():
-            if self.staging.get(key) is not None:
-                continue
-            res = self.ring.alloc(units)
-            if res is None or not self.staging.put(room, key, res):
-                if res is not None:
-                    self.ring.release(res)
-                for k in new:  # never hold part of a room's need while waiting: no deadlock
-                    self.staging.pop(room, k)
-                if room.live:
-                    self.waiting_staging.append(room)
-                return False
-            new.append(key)
-        return True
 
     def abort(self, room: Room, reason: str) -> None:
         """Worker: a local abort."""
@@ -465,10 +350,6 @@ class DecodeSide:
             if action.msg is Msg.ABORT:
                 fields["reason"] = action.reason[:2000]
             peer.client.send(action.msg.value, fields)
-
-    def _welcomed(self, room: Room) -> list[PrefillPeer]:
-        """The room's prefill ranks that completed the handshake."""
-        return [p for a in room.peers if (p := self.peers.get(a)) is not None and p.agent]
 
     # -- inbound ------------------------------------------------------------------
 
@@ -579,34 +460,6 @@ class DecodeSide:
             all_in = done and room.chunks_done >= room.chunks_needed - 1
         if all_in:
             self.react(room, Input.ALL_DATA_IN)
-
-    def _scatter(self, room: Room, plan: ReceivePlan, src: Source, address: str, n: Notif) -> None:
-        """Copy a staged chunk's heads into the room's pages; free the chunk once whole."""
-        size = self.m.config.staging_chunk_pages
-        chunk = n.start // size
-        res = self.staging.get((room.id, chunk, address))
-        if res is None:
-            return
-        tensors = self.m.tensors
-        assert src.heads is not None and src.src_heads is not None and tensors is not None
-        mine = tensors.layout
-        h_lo, h_hi = src.heads
-        dst = torch.from_numpy(plan.pages[n.start : n.start + n.npages]).to(self._views[0].device)
-        scatter_chunk(
-            tensors.staging,
-            tensors.staging_unit_bytes,
-            res,
-            src.src_heads[1] - src.src_heads[0],
-            self._views,
-            dst,
-            n.start - chunk * size,
-            slice(h_lo - src.src_heads[0], h_hi - src.src_heads[0]),
-            slice(h_lo - mine.heads[0], h_hi - mine.heads[0]),
-        )
-        got = src.chunk_got.get(chunk, 0) + n.npages
-        src.chunk_got[chunk] = got
-        if got >= chunk_pages(int(plan.pages.size), size, chunk):
-            self.staging.pop(room, (room.id, chunk, address))
 
     def _drop_peer(self, peer: PrefillPeer, error: BaseException, now: float) -> None:
         if self.peers.get(peer.address) is not peer:

@@ -24,7 +24,6 @@ from typing import NamedTuple
 import numpy as np
 
 from kvroom.planning import (
-    Assignment,
     ChunkIndices,
     PairRoute,
     RankLayout,
@@ -82,11 +81,11 @@ def kv_heads(layout: RankLayout) -> tuple[int, int] | None:
 def decode_sources(
     mine: RankLayout,
     layouts: Sequence[RankLayout],
-    stages: Callable[[RankLayout, tuple[Assignment, ...]], bool],
+    stages: Callable[[RankLayout], bool],
 ) -> list[Source]:
     """Each prefill rank's :class:`Source` for this decode rank, from the assignment over all of them.
 
-    ``stages(source, entries)`` says whether that source's page entries go
+    ``stages(source)`` says whether that source's pages, if it writes any, go
     through the staging ring.  Raises :class:`~kvroom.errors.IncompatiblePeerError`
     when some buffer this rank needs has no source.
     """
@@ -96,7 +95,7 @@ def decode_sources(
     for i, layout in enumerate(layouts):
         entries = for_source(table, i)
         page_entries = tuple(a for a in entries if model.by_key[a.key].space == "kv")
-        staged = bool(page_entries) and stages(layout, page_entries)
+        staged = bool(page_entries) and stages(layout)
         heads = page_entries[0].heads if staged else None
         out.append(
             Source(bool(entries), bool(page_entries), staged, heads, kv_heads(layout) if staged else None)
