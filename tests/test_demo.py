@@ -46,6 +46,17 @@ def test_demo_moves_and_verifies_every_room(tmp_path: Path) -> None:
     assert audit_main(str(log)) == 0
 
 
+@pytest.mark.parametrize("model", ["gpt-oss-20b", "deepseek-v3"])
+def test_demo_moves_a_model_preset_with_its_state_rows(tmp_path: Path, model: str) -> None:
+    log = tmp_path / "audit.jsonl"
+    args = ("--model", model, "--requests", "12", "--concurrency", "4", "--max-pages", "6", "--decodes", "1")
+    result = kvroom("demo", *args, "--audit-log", str(log))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Success\s+12\s+12\n", result.stdout), result.stdout
+    assert "bytes moved (verified)" in result.stdout and "kvroom demo: OK" in result.stdout
+    assert audit_main(str(log)) == 0
+
+
 def test_chaos_demo_survives_kills_stops_and_aborts(tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"
     result = kvroom("demo", "--chaos", "--requests", "200", "--max-pages", "16", "--audit-log", str(log))

@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import torch
-
-from kvroom.demo.workload import PageAllocator, RoomSpec, aux_matches, expected_pages, fill_aux, fill_pages
+from kvroom.demo.buffers import DemoBuffers, make_buffers
+from kvroom.demo.workload import PageAllocator, RoomSpec
 
 __all__ = ["NodeOptions", "RoomResult", "prefill_main", "decode_main", "die_with_parent"]
 
@@ -45,6 +44,7 @@ class NodeOptions:
 
     layers: int = 4
     page_bytes: int = 16 << 10
+    model: str | None = None  # a preset of kvroom.presets instead of opaque pages
     pool_pages: int = 2048
     aux_slots: int = 256
     aux_bytes: int = 64
@@ -78,14 +78,12 @@ class RoomResult:
     bytes: int
 
 
-def _make_manager(role: str, opts: NodeOptions) -> Any:
-    from kvroom import KVManager, KVPool, ManagerConfig
+def _make_manager(role: str, opts: NodeOptions) -> tuple[Any, DemoBuffers]:
+    from kvroom import KVManager, ManagerConfig
     from kvroom.audit import AuditObserver, json_lines_logger
     from kvroom.fsm import Deadlines
 
-    layers = [torch.zeros(opts.pool_pages, opts.page_bytes, dtype=torch.uint8) for _ in range(opts.layers)]
-    aux = torch.zeros(opts.aux_slots, opts.aux_bytes, dtype=torch.uint8)
-    pool = KVPool(layers, aux)
+    buffers = make_buffers(opts.model, opts.pool_pages, opts.aux_slots, opts.layers, opts.page_bytes)
     config = ManagerConfig(
         deadlines=Deadlines(*opts.deadlines),
         heartbeat_interval=opts.heartbeat[0],
@@ -100,9 +98,16 @@ def _make_manager(role: str, opts: NodeOptions) -> Any:
     import structlog
 
     quiet = structlog.wrap_logger(structlog.PrintLogger(open(os.devnull, "w")))  # noqa: SIM115
-    return KVManager(
-        role, pool, bootstrap_port=opts.port, config=config, observer=observer, audit=False, logger=quiet
+    manager = KVManager(
+        role,
+        buffers.pool,
+        bootstrap_port=opts.port,
+        config=config,
+        observer=observer,
+        audit=False,
+        logger=quiet,
     )
+    return manager, buffers
 
 
 def _result(
@@ -139,7 +144,7 @@ def _node(role: str, conn: Connection, opts: NodeOptions) -> None:
         os.dup2(fd, 2)
         os.close(fd)
     try:
-        manager = _make_manager(role, opts)
+        manager, buffers = _make_manager(role, opts)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -147,7 +152,7 @@ def _node(role: str, conn: Connection, opts: NodeOptions) -> None:
         conn.send(
             ("ready", {"addr": manager.bootstrap_addr, "pid": os.getpid(), "agent": manager.agent_name})
         )
-        loop = PrefillLoop(manager, conn, opts) if role == "prefill" else DecodeLoop(manager, conn, opts)
+        loop = (PrefillLoop if role == "prefill" else DecodeLoop)(manager, conn, opts, buffers)
         loop.run()
         conn.send(("final", {"snapshot": manager.snapshot(), "unexpected": loop.unexpected}))
     except BaseException:
@@ -169,8 +174,10 @@ def decode_main(conn: Connection, opts: NodeOptions) -> None:
 class _Loop:
     role = ""
 
-    def __init__(self, manager: Any, conn: Connection, opts: NodeOptions) -> None:
+    def __init__(self, manager: Any, conn: Connection, opts: NodeOptions, buffers: DemoBuffers) -> None:
         self.m = manager
+        self.buffers = buffers
+        self.page_size: int = manager.regions.layout.model.page_size
         self.conn = conn
         self.opts = opts
         self.queue: list[RoomSpec] = []
@@ -241,7 +248,7 @@ class _Loop:
     def finish(self, room_id: int, verified: bool | None) -> None:
         entry = self.live.pop(room_id)
         handle, spec = entry["handle"], entry["spec"]
-        nbytes = (spec.pages - spec.prefix_pages) * self.opts.page_bytes * self.opts.layers
+        nbytes = (spec.pages - spec.prefix_pages) * self.buffers.page_bytes
         state = handle.poll()  # the handle is spent once cleared
         try:
             handle.clear()
@@ -275,14 +282,16 @@ class PrefillLoop(_Loop):
         if state is KVPoll.Bootstrapping:
             return
         if not entry["ready"]:
-            fill_pages(self.m.pool.layers, spec.room, range(spec.pages), pages)
-            fill_aux(self.m.pool.aux, entry["slot"], spec.room)
+            self.buffers.fill(spec.room, spec.pages, pages, entry["slot"])
             handle.init(spec.pages, aux_index=entry["slot"])
             entry["ready"] = True
         sent = entry["sent"]
         if sent < spec.pages:
             chunk = pages[sent : sent + self.opts.chunk_pages]
-            handle.send(chunk)
+            last = sent + chunk.numel() >= spec.pages
+            handle.send(
+                chunk, state_indices=self.buffers.state_indices(pages, entry["slot"]) if last else None
+            )
             entry["sent"] = sent + chunk.numel()
 
 
@@ -305,19 +314,17 @@ class DecodeLoop(_Loop):
         handle, spec, pages = entry["handle"], entry["spec"], entry["pages"]
         if not entry["ready"]:
             entry["ready"] = True
-            self.m.pool.aux[entry["slot"]].zero_()
+            self.buffers.clear_rows(pages, entry["slot"])
             handle.send_metadata(
-                pages[spec.prefix_pages :], aux_index=entry["slot"], decode_prefix_len=spec.prefix_pages
+                pages[spec.prefix_pages :],
+                aux_index=entry["slot"],
+                decode_prefix_len=spec.prefix_pages * self.page_size,
+                state_indices=self.buffers.state_indices(pages, entry["slot"]),
             )
             return
         state = handle.poll()
         if state is KVPoll.Success:
-            ok = expected_pages(
-                self.m.pool.layers,
-                spec.room,
-                range(spec.prefix_pages, spec.pages),
-                pages[spec.prefix_pages :],
-            ) and aux_matches(self.m.pool.aux, entry["slot"], spec.room)
+            ok = self.buffers.verify(spec.room, spec.prefix_pages, spec.pages, pages, entry["slot"])
             self.finish(room_id, ok)
         elif state is KVPoll.Failed:
             self.finish(room_id, None)

@@ -29,7 +29,9 @@ def _options(args: argparse.Namespace, audit_log: str) -> NodeOptions:
     return NodeOptions(
         layers=args.layers,
         page_bytes=args.page_kib << 10,
-        pool_pages=max(512, args.concurrency * args.max_pages + 64),
+        model=args.model,
+        pool_pages=max(512 if args.model is None else 128, args.concurrency * args.max_pages + 64),
+        aux_slots=256 if args.model is None else args.concurrency * args.decodes + 8,
         chunk_pages=args.chunk_pages,
         concurrency=args.concurrency,
         audit_log=audit_log,
