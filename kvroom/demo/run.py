@@ -26,12 +26,13 @@ __all__ = ["run"]
 
 def _options(args: argparse.Namespace, audit_log: str) -> NodeOptions:
     chaos = args.chaos
+    model = getattr(args, "model", None)  # a Namespace built by hand may predate --model
     return NodeOptions(
         layers=args.layers,
         page_bytes=args.page_kib << 10,
-        model=args.model,
-        pool_pages=max(512 if args.model is None else 128, args.concurrency * args.max_pages + 64),
-        aux_slots=256 if args.model is None else args.concurrency * args.decodes + 8,
+        model=model,
+        pool_pages=max(512 if model is None else 128, args.concurrency * args.max_pages + 64),
+        aux_slots=256 if model is None else args.concurrency * args.decodes + 8,
         chunk_pages=args.chunk_pages,
         concurrency=args.concurrency,
         audit_log=audit_log,
