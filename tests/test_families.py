@@ -189,3 +189,33 @@ def test_bad_regions_are_refused_naming_the_region_before_any_manager_starts() -
     overlapping = Region("v.1", k0.addr + 8, k0.length, k0.item_bytes)
     with pytest.raises(ValueError, match=r"region 'v\.1' .* overlaps region 'k\.0'"):
         RegionPool((*arena.pool.kv[:-1], overlapping), arena.pool.aux)
+
+
+def test_only_tp_rank_0_of_stage_0_coordinates() -> None:
+    from kvroom import KVManager
+    from kvroom.planning import RankLayout, RankRegions
+    from tests.families import Arena, _family
+
+    for (tp, pp), coordinates in (((0, 0), True), ((1, 0), False), ((0, 1), False)):
+        layout = RankLayout(_family("pp"), tp, 2, pp, 2)
+        arena = Arena(layout)
+        manager = KVManager("prefill", RankRegions(layout, arena.pool), audit=False)
+        try:
+            assert manager.side.coordinator is coordinates, (tp, pp)
+        finally:
+            manager.close()
+
+
+def test_addresses_out_of_stage_major_order_fail_the_room_naming_the_rule(
+    ranks: tuple[list[Rank], list[Rank]],
+) -> None:
+    addrs, pre, dec = start(ranks, "pp", (1, 2), (1, 1))
+    try:
+        dec[0].call("receiver", 11, addrs[::-1], DST)  # stage 1 listed first
+        assert dec[0].call("wait", [11], ["Failed"], 10) == {11: "Failed"}
+        error = dec[0].call("failure", 11)
+        assert "IncompatiblePeerError" in error and "stage-major" in error and "pp 1 of 2" in error, error
+        assert dec[0].call("footprint", 11) == []
+    finally:
+        for r in pre + dec:
+            r.call("stop")
