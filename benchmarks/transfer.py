@@ -13,6 +13,11 @@ measures every ``--chunks`` workload (default: 4 chunks a room, then 1), each
 side by side with raw NIXL.  Prints a table, or one JSON object with ``--json``.
 
     python benchmarks/transfer.py [--json] [--rooms N] [--pages N] [--page-kib N] [--chunks 4,1]
+
+With ``--model NAME`` (a preset of :mod:`kvroom.presets`, or ``all``) the
+pools are the preset's buffers as regions and the raw script posts the
+planner's descriptor lists (:mod:`preset_transfer`); ``--rooms`` and
+``--pages`` then default to 16 and 32.
 """
 
 from __future__ import annotations
@@ -290,15 +295,22 @@ def measure(shape: Shape, rounds: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--rooms", type=int, default=256)
-    parser.add_argument("--pages", type=int, default=64)
+    parser.add_argument("--model", help="a preset name, or 'all'; default: opaque pages")
+    parser.add_argument("--rooms", type=int)
+    parser.add_argument("--pages", type=int)
     parser.add_argument("--page-kib", type=int, default=64)
     parser.add_argument("--chunks", default="4,1", help="chunks a room, one workload each (default 4,1)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each; the best counts")
     parser.add_argument("--tcp", action="store_true", help="UCX_TLS=tcp for both (as between hosts)")
     args = parser.parse_args()
     env = (("UCX_TLS", "tcp"),) if args.tcp else ()
-    shapes = [Shape(args.rooms, args.pages, args.page_kib << 10, int(c), env) for c in args.chunks.split(",")]
+    if args.model:
+        run_presets(args, env)
+        return
+    shapes = [
+        Shape(args.rooms or 256, args.pages or 64, args.page_kib << 10, int(c), env)
+        for c in args.chunks.split(",")
+    ]
     for shape in shapes:
         if shape.pages % 8 or shape.pages % shape.chunks:
             parser.error("--pages must be a multiple of 8 and of every --chunks")
@@ -323,6 +335,35 @@ def main() -> None:
             print(f"{name:>12}{t:>9.3f}{shape.total_bytes / t / 1e9:>9.2f}")
         print(f"kvroom / raw NIXL: {r['ratio_vs_raw_nixl']:.2f}  (target >= {r['target']})")
         print(f"kvroom / memcpy:   {r['ratio_vs_memcpy']:.2f}\n")
+
+
+def run_presets(args: argparse.Namespace, env: tuple[tuple[str, str], ...]) -> None:
+    """``--model``: each preset through kvroom and through raw NIXL doing the same WRITEs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from preset_transfer import Workload, run
+
+    from kvroom.presets import preset_names
+
+    names = preset_names() if args.model == "all" else [args.model]
+    results = []
+    for name in names:
+        w = Workload(name, args.rooms or 16, args.pages or 32, int(args.chunks.split(",")[0]), env=env)
+        results.append(run(w, args.rounds))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(
+        f"{'model':>12}{'MiB':>8}{'kvroom s':>10}{'raw s':>9}{'kvroom GB/s':>13}{'raw GB/s':>10}{'ratio':>7}"
+    )
+    for r in results:
+        print(
+            f"{r['model']:>12}{r['bytes'] / (1 << 20):>8.0f}{r['kvroom_s']:>10.3f}{r['raw_nixl_s']:>9.3f}"
+            f"{r['kvroom_gbps']:>13.2f}{r['raw_nixl_gbps']:>10.2f}{r['ratio_vs_raw_nixl']:>7.2f}"
+        )
+    print("ratio = raw NIXL time / kvroom time (target >= 0.9)")
 
 
 if __name__ == "__main__":

@@ -27,15 +27,22 @@ if TYPE_CHECKING:
     from kvroom.audit import AuditObserver, json_lines_logger
     from kvroom.config import ManagerConfig
     from kvroom.manager import KVManager
+    from kvroom.planning import ModelLayout, RankLayout, RankRegions
     from kvroom.receiver import KVReceiver
     from kvroom.sender import KVSender
     from kvroom.transport.layout import KVPool
+    from kvroom.transport.regions import Region, RegionPool
 
 _LAZY = {
     "KVManager": "kvroom.manager",
     "KVSender": "kvroom.sender",
     "KVReceiver": "kvroom.receiver",
     "KVPool": "kvroom.transport.layout",
+    "Region": "kvroom.transport.regions",
+    "RegionPool": "kvroom.transport.regions",
+    "ModelLayout": "kvroom.planning",
+    "RankLayout": "kvroom.planning",
+    "RankRegions": "kvroom.planning",
     "ManagerConfig": "kvroom.config",
     "AuditObserver": "kvroom.audit",
     "json_lines_logger": "kvroom.audit",
@@ -57,6 +64,11 @@ __all__ = [
     "KVSender",
     "KVReceiver",
     "KVPool",
+    "ModelLayout",
+    "RankLayout",
+    "RankRegions",
+    "Region",
+    "RegionPool",
     "ManagerConfig",
     "AuditObserver",
     "json_lines_logger",

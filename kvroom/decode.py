@@ -1,9 +1,11 @@
 """The decode (receiver) side of a manager: handshakes, page lists, arrivals.
 
-A room is bound to every prefill tensor-parallel rank (one bootstrap address
-each, in rank order).  Ranks holding heads we hold are its *sources* and write
-into our pages (or into the staging ring, then scattered here); the others
-only watch, so that a failure on any rank of either side reaches every rank.
+A room is bound to every prefill rank (one bootstrap address each, stage-major
+as :func:`~kvroom.planning.group_ranks` orders them: the first is TP rank 0 of
+PP stage 0, the coordinator).  The ranks the planner's assignment gives a part
+of our buffers are its *sources* and write into our regions (or, for a tensor
+pool, into the staging ring, then scattered here); the others only watch, so
+that a failure on any rank of either side reaches every rank.
 
 A decode room may only become Failed once no WRITE for it can still land in
 its pages, so the scheduler can reuse them at once, and it reaches Success only
@@ -15,30 +17,31 @@ byte is in place.  Which input does what in which phase is the table of
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
 import zmq
 
+from kvroom.decode_staging import DecodeStaging
 from kvroom.errors import (
     IncompatiblePeerError,
     PeerLostError,
     ProtocolError,
     RemoteFailureError,
-    StagingExhaustedError,
 )
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
-from kvroom.prefill import Notif, parse_notif
+from kvroom.planning import RankLayout
 from kvroom.protocol import DecodeVerdict, Fire, Input, Msg
+from kvroom.shares import Source, decode_sources, kv_heads
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlClient
 from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify
-from kvroom.transport.layout import KVLayout, head_overlap, range_overlap
-from kvroom.transport.staging import Reservation, StagingStore, chunk_count, chunk_pages, scatter_chunk
+from kvroom.transport.layout import range_overlap
+from kvroom.transport.notif import Notif, parse_notif
+from kvroom.transport.staging import Reservation, StagingStore, chunk_count
 
 if TYPE_CHECKING:
     from kvroom.manager import KVManager
@@ -55,36 +58,23 @@ class PrefillPeer:
     last_heard: float
     last_ping: float = 0.0
     agent: str | None = None  # set by welcome
-    layout: KVLayout | None = None  # set by welcome
+    layout: RankLayout | None = None  # set by welcome
     queued: list[int] = field(default_factory=list)  # rooms waiting for the handshake
 
 
 @dataclass
-class Source:
-    """One prefill rank's share of a decode room."""
-
-    heads: tuple[int, int] | None  # global heads it writes here; None: it only watches
-    src_heads: tuple[int, int]  # the heads that rank holds
-    staged: bool
-    seen: set[int] = field(default_factory=set)  # notification sequence numbers arrived
-    chunk_got: dict[int, int] = field(default_factory=dict)  # staged pages arrived per chunk
-    pages_got: int = 0
-    ended: bool = False  # its last notification arrived (others may still be on their way)
-    finished: bool = False  # ended, and every page it writes arrived: it can write no more
-
-
-@dataclass
 class ReceivePlan:
-    """What this room asked for: its pages, aux slot and prefix; per-rank progress."""
+    """What this room asked for: its pages, aux slot, prefix and state rows; per-rank progress."""
 
     pages: IntArray
     aux_index: int | None
     prefix_pages: int
+    state: dict[str, IntArray] = field(default_factory=dict)  # rows per state index space
     sources: dict[str, Source] = field(default_factory=dict)  # filled when the page list is sent
     sent: bool = False
 
 
-class DecodeSide:
+class DecodeSide(DecodeStaging):
     """Everything the decode manager's worker does."""
 
     def __init__(self, manager: KVManager) -> None:
@@ -101,12 +91,13 @@ class DecodeSide:
         self.peers: dict[str, PrefillPeer] = {}
         self.by_agent: dict[str, PrefillPeer] = {}
         self._registered: set[Any] = set()
+        self._shares: dict[tuple[str, ...], list[Source]] = {}  # the assignment per set of peers
         self.waiting_staging: list[Room] = []  # rooms whose page list waits for ring space
         # staging reserved for rooms not created yet: room id -> (reservations, pages, expiry)
         self._early: dict[int, tuple[dict[tuple[Hashable, ...], Reservation], int, float]] = {}
         self._early_lock = threading.Lock()
-        pool = manager.pool
-        self._views = [pool.page_view(i) for i in range(pool.layout.layers)]
+        tensors = manager.tensors
+        self._views = [tensors.page_view(i) for i in range(tensors.layout.layers)] if tensors else []
 
     # -- worker loop hooks ------------------------------------------------------
 
@@ -190,83 +181,6 @@ class DecodeSide:
     def on_transition(self, record: TransitionRecord) -> None:
         """Observer hook: nothing to do on decode."""
 
-    # -- staging prefetch (any thread) ----------------------------------------------
-
-    def staging_needs(self, addresses: Sequence[str], num_pages: int) -> dict[tuple[Hashable, ...], int]:
-        """Units per ``(chunk, session)`` a room of ``num_pages`` pages needs from these ranks.
-
-        Prefill rank ``i`` of ``len(addresses)`` is assumed to hold an equal
-        share of the model's heads (what the handshake later checks).
-        """
-        mine = self.m.pool.layout
-        ranks = len(addresses)
-        if mine.total_heads % ranks:
-            raise ValueError(f"{mine.total_heads} KV heads do not split over {ranks} prefill ranks")
-        per_rank = mine.total_heads // ranks
-        size = self.m.config.staging_chunk_pages
-        needs: dict[tuple[Hashable, ...], int] = {}
-        for rank, address in enumerate(addresses):
-            theirs = (rank * per_rank, (rank + 1) * per_rank)
-            if range_overlap(theirs, mine.heads) is None or not self._stages(theirs):
-                continue
-            for c in range(chunk_count(num_pages, size)):
-                needs[(c, address)] = chunk_pages(num_pages, size, c) * per_rank * mine.layers
-        return needs
-
-    def _stages(self, theirs: tuple[int, int]) -> bool:
-        mode = self.m.config.transfer_mode
-        return mode == "staging" or (mode == "auto" and theirs != self.m.pool.layout.heads)
-
-    def prefetch(self, room_id: int, addresses: Sequence[str], num_pages: int) -> bool:
-        """Reserve staging for a room now (it may not exist yet); False when the ring is full."""
-        needs = self.staging_needs(addresses, num_pages)
-        got: dict[tuple[Hashable, ...], Reservation] = {}
-        for key, units in needs.items():
-            res = self.ring.alloc(units)
-            if res is None:
-                for r in got.values():
-                    self.ring.release(r)
-                return False
-            got[(room_id, *key)] = res
-        room = self.m.table.get(room_id)
-        if room is not None:
-            return self._adopt(room, got, num_pages)
-        with self._early_lock:
-            old = self._early.pop(room_id, None)
-            for res in (old[0] if old else {}).values():
-                self.ring.release(res)
-            if len(self._early) >= self.m.config.pending_limit:
-                for res in got.values():
-                    self.ring.release(res)
-                return False
-            self._early[room_id] = (got, num_pages, self.m.clock() + self.m.config.pending_ttl)
-        room = self.m.table.get(room_id)  # created meanwhile: hand it over now
-        if room is not None:
-            self.adopt_prefetch(room)
-        return True
-
-    def adopt_prefetch(self, room: Room) -> None:
-        """A new room takes over staging reserved before it existed."""
-        with self._early_lock:
-            entry = self._early.pop(room.id, None)
-        if entry is not None:
-            self._adopt(room, entry[0], entry[1])
-
-    def _adopt(self, room: Room, got: dict[tuple[Hashable, ...], Reservation], num_pages: int) -> bool:
-        """Move reservations into the room's stores; released if the room is gone."""
-        with room.lock:
-            if room.live and not self.plans.get(room.id):
-                for key, res in got.items():
-                    old = self.staging.get(key)
-                    if old is not None:
-                        self.ring.release(old)
-                    self.staging.put_locked(room, key, res)
-                self.prefetched.put_locked(room, num_pages)
-                return True
-        for res in got.values():
-            self.ring.release(res)
-        return False
-
     # -- commands from receivers --------------------------------------------------
 
     def _peer(self, room: Room, address: str) -> PrefillPeer | None:
@@ -284,11 +198,12 @@ class DecodeSide:
             return None
         peer = PrefillPeer(address, client, last_heard=now)
         self.peers[address] = peer
-        pool = self.m.pool
+        tensors = self.m.tensors
         fields = {
             "agent": self.m.agent_name,
-            "layout": pool.layout.to_dict(),
-            "regions": pool.regions.to_dict(),
+            "rank": self.m.regions.to_dict(),
+            "staging_base": tensors.regions.staging_base if tensors is not None else 0,
+            "staging_bytes": tensors.regions.staging_bytes if tensors is not None else 0,
         }
         client.send("hello", fields, self.m.agent.metadata())
         return peer
@@ -319,23 +234,22 @@ class DecodeSide:
             return
         npages = int(plan.pages.size)
         size = self.m.config.staging_chunk_pages
-        aux_sent = False
         for peer in peers:
             src = sources[peer.address]
             staging = None
             if src.staged and npages:
                 chunks = range(chunk_count(npages, size))
                 staging = [self._reservation(room, c, peer.address).offset for c in chunks]
-            writes = src.heads is not None
-            aux = plan.aux_index if writes and not aux_sent else None
-            aux_sent = aux_sent or writes
+            writes = src.writes
+            state = {k: v.tolist() for k, v in plan.state.items()} if writes and plan.state else None
             fields = {
                 "room": room.id,
-                "aux_index": aux,
+                "aux_index": plan.aux_index if writes else None,
                 "prefix_pages": plan.prefix_pages,
                 "npages": npages if writes else 0,
                 "staging": staging,
                 "chunk_pages": size,
+                "state": state,
             }
             peer.client.send("room", fields, plan.pages.astype("<i8").tobytes() if writes else b"")
         with room.lock:
@@ -346,69 +260,40 @@ class DecodeSide:
             verdict = self.verdicts.get(room.id)
             if verdict is not None:
                 verdict.sent = True
-                verdict.writers = frozenset(a for a, s in sources.items() if s.heads is not None)
-            # every page from every writing rank, then the coordinator's commit
-            room.chunks_needed = npages * len(verdict.writers if verdict else ()) + 1
+                verdict.writers = frozenset(a for a, s in sources.items() if s.writes)
+            # every page from every rank writing pages, then the coordinator's commit
+            room.chunks_needed = npages * sum(s.pages for s in sources.values()) + 1
         self.m.fire(room, Event.METADATA_SENT)
 
     def _sources(self, room: Room, peers: list[PrefillPeer]) -> dict[str, Source] | None:
-        """Each prefill rank's share; None (room failed) when the ranks don't fit together."""
-        mine = self.m.pool.layout
-        sources: dict[str, Source] = {}
-        for rank, peer in enumerate(peers):
-            theirs = peer.layout
-            assert theirs is not None
-            if theirs.tp_size != len(peers) or theirs.tp_rank != rank:
+        """Each prefill rank's share, by the assignment; None (room failed) when the ranks don't fit."""
+        layouts = [p.layout for p in peers if p.layout is not None]
+        for i, (peer, theirs) in enumerate(zip(peers, layouts, strict=True)):
+            ranks, at = theirs.tp_size * theirs.pp_size, theirs.pp_rank * theirs.tp_size + theirs.tp_rank
+            if ranks != len(peers) or at != i:
                 error = IncompatiblePeerError(
-                    f"room {room.id}: bootstrap address #{rank} ({peer.address}) is prefill rank "
-                    f"{theirs.tp_rank} of {theirs.tp_size}, but the room lists {len(peers)} addresses"
+                    f"room {room.id}: bootstrap address #{i} ({peer.address}) is prefill rank tp "
+                    f"{theirs.tp_rank} of {theirs.tp_size}, pp {theirs.pp_rank} of {theirs.pp_size}, but "
+                    f"the room lists {len(peers)} addresses (stage-major, one per rank)"
                 )
                 self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
                 return None
-            heads = head_overlap(mine, theirs)
-            staged = heads is not None and self._stages(theirs.heads)
-            sources[peer.address] = Source(heads, theirs.heads, staged)
-        return sources
-
-    def _reservation(self, room: Room, chunk: int, address: str) -> Reservation:
-        res = self.staging.get((room.id, chunk, address))
-        assert res is not None
-        return res
-
-    def _reserve(self, room: Room, plan: ReceivePlan, sources: dict[str, Source]) -> bool:
-        """Hold staging for every staged chunk; False when the room must wait (or failed)."""
-        needs = {
-            (room.id, *key): units
-            for key, units in self.staging_needs(list(sources), int(plan.pages.size)).items()
-            if sources[str(key[1])].staged
+        key = tuple(str(p.agent) for p in peers)  # a new incarnation is a new agent: a new key
+        shares = self._shares.get(key)
+        if shares is None:
+            try:
+                shares = decode_sources(self.m.regions.layout, layouts, lambda s: self._stages(kv_heads(s)))
+            except IncompatiblePeerError as exc:
+                error = IncompatiblePeerError(f"room {room.id}: {exc}")
+                self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
+                return None
+            if len(self._shares) >= 64:
+                self._shares.clear()
+            self._shares[key] = shares
+        return {  # fresh progress per room
+            p.address: Source(s.writes, s.pages, s.staged, s.heads, s.src_heads)
+            for p, s in zip(peers, shares, strict=True)
         }
-        total = sum(needs.values())
-        if total > self.ring.capacity:
-            error = StagingExhaustedError(
-                f"room {room.id} needs {total} staging units, the ring holds {self.ring.capacity}; "
-                "build the decode KVPool with more staging_pages or a smaller staging_chunk_pages"
-            )
-            self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
-            return False
-        for key in self.staging.keys_of(room.id):
-            res = self.staging.get(key)
-            if res is not None and needs.get(key) != res.units:
-                self.staging.pop(room, key)  # prefetched for another shape: give it back
-        new: list[tuple[Hashable, ...]] = []
-        for key, units in needs.items():
-            if self.staging.get(key) is not None:
-                continue
-            res = self.ring.alloc(units)
-            if res is None or not self.staging.put(room, key, res):
-                if res is not None:
-                    self.ring.release(res)
-                for k in new:  # never hold part of a room's need while waiting: no deadlock
-                    self.staging.pop(room, k)
-                if room.live:
-                    self.waiting_staging.append(room)
-                return False
-            new.append(key)
-        return True
 
     def abort(self, room: Room, reason: str) -> None:
         """Worker: a local abort."""
@@ -466,10 +351,6 @@ class DecodeSide:
                 fields["reason"] = action.reason[:2000]
             peer.client.send(action.msg.value, fields)
 
-    def _welcomed(self, room: Room) -> list[PrefillPeer]:
-        """The room's prefill ranks that completed the handshake."""
-        return [p for a in room.peers if (p := self.peers.get(a)) is not None and p.agent]
-
     # -- inbound ------------------------------------------------------------------
 
     def _on_message(self, peer: PrefillPeer, msg: Message | ProtocolError, now: float) -> None:
@@ -501,10 +382,12 @@ class DecodeSide:
 
     def _on_welcome(self, peer: PrefillPeer, msg: Message, now: float) -> None:
         try:
-            layout = KVLayout.from_dict(msg.fields["layout"])
-            mine = self.m.pool.layout
-            mine.check_compatible(layout, msg.fields["agent"])
-            if head_overlap(mine, layout) and self._stages(layout.heads) and not self.ring.capacity:
+            layout = RankLayout.from_dict(msg.fields["rank"])
+            mine = self.m.regions.layout
+            mine.model.check_compatible(layout.model, msg.fields["agent"])
+            theirs, ours = kv_heads(layout), kv_heads(mine)
+            overlap = theirs is not None and ours is not None and range_overlap(theirs, ours)
+            if overlap and self._stages(theirs) and not self.ring.capacity:
                 raise IncompatiblePeerError(
                     f"prefill rank {layout.tp_rank} of {layout.tp_size} needs the staging ring "
                     "(head slices interleave), but this decode pool has staging_pages=0"
@@ -556,13 +439,15 @@ class DecodeSide:
             src = plan.sources.get(peer.address) if plan is not None else None
             if plan is None or src is None or n.seq in src.seen or not room.live:
                 return
-            if n.start + n.npages > (plan.pages.size if src.heads is not None else 0):
+            if n.npages and n.start + n.npages > (plan.pages.size if src.pages else 0):
                 return  # malformed: more pages than this rank may write
             src.seen.add(n.seq)
             src.pages_got += n.npages
-            src.ended = src.ended or n.last
-            writes = int(plan.pages.size) if src.heads is not None else 0
-            if src.ended and src.pages_got >= writes and not src.finished:
+            if n.last:
+                src.total = n.seq + 1
+            writes = int(plan.pages.size) if src.pages else 0
+            whole = src.total is not None and len(src.seen) >= src.total
+            if whole and src.pages_got >= writes and not src.finished:
                 src.finished = True  # notifications can overtake each other: only now is it done
                 verdict = self.verdicts.get(room.id)
                 if verdict is not None:
@@ -575,33 +460,6 @@ class DecodeSide:
             all_in = done and room.chunks_done >= room.chunks_needed - 1
         if all_in:
             self.react(room, Input.ALL_DATA_IN)
-
-    def _scatter(self, room: Room, plan: ReceivePlan, src: Source, address: str, n: Notif) -> None:
-        """Copy a staged chunk's heads into the room's pages; free the chunk once whole."""
-        size = self.m.config.staging_chunk_pages
-        chunk = n.start // size
-        res = self.staging.get((room.id, chunk, address))
-        if res is None:
-            return
-        assert src.heads is not None
-        mine = self.m.pool.layout
-        h_lo, h_hi = src.heads
-        dst = torch.from_numpy(plan.pages[n.start : n.start + n.npages]).to(self._views[0].device)
-        scatter_chunk(
-            self.m.pool.staging,
-            self.m.pool.staging_unit_bytes,
-            res,
-            src.src_heads[1] - src.src_heads[0],
-            self._views,
-            dst,
-            n.start - chunk * size,
-            slice(h_lo - src.src_heads[0], h_hi - src.src_heads[0]),
-            slice(h_lo - mine.heads[0], h_hi - mine.heads[0]),
-        )
-        got = src.chunk_got.get(chunk, 0) + n.npages
-        src.chunk_got[chunk] = got
-        if got >= chunk_pages(int(plan.pages.size), size, chunk):
-            self.staging.pop(room, (room.id, chunk, address))
 
     def _drop_peer(self, peer: PrefillPeer, error: BaseException, now: float) -> None:
         if self.peers.get(peer.address) is not peer:

@@ -38,9 +38,11 @@ from kvroom.fsm import (
     TransitionRecord,
 )
 from kvroom.fsm.room import Room
+from kvroom.planning import RankRegions, from_kv_pool
 from kvroom.transport.control import parse_addresses
 from kvroom.transport.layout import KVPool
 from kvroom.transport.nixl import NixlAgent, unique_agent_name
+from kvroom.transport.regions import Region
 from kvroom.transport.staging import StagingRing, StagingStore
 
 if TYPE_CHECKING:
@@ -80,7 +82,12 @@ class KVManager:
     """Owns the NIXL agent, the control plane and the room table of one role.
 
     ``role``: ``"prefill"``/``Role.SENDER`` or ``"decode"``/``Role.RECEIVER``.
-    ``pool``: the registered KV pages and aux slots.  Prefill listens on
+    ``pool``: what this rank registers and serves: a
+    :class:`~kvroom.planning.RankRegions` (its :class:`~kvroom.planning.RankLayout`
+    bound to raw regions, as engines hand them), or a torch
+    :class:`~kvroom.transport.layout.KVPool`, the convenience over the same
+    thing (:func:`~kvroom.planning.from_kv_pool`; only a ``KVPool`` has a
+    staging ring).  Every region is registered with NIXL.  Prefill listens on
     ``bootstrap_port`` (0 picks a free one; see :attr:`bootstrap_addr`).
     ``observer`` receives every transition; by default they go to structlog
     as audit events, rendered on a background writer thread
@@ -91,7 +98,7 @@ class KVManager:
     def __init__(
         self,
         role: Role | str,
-        pool: KVPool,
+        pool: KVPool | RankRegions,
         *,
         bootstrap_port: int = 0,
         config: ManagerConfig | None = None,
@@ -102,8 +109,13 @@ class KVManager:
         metrics: KVMetrics | None = None,
     ) -> None:
         self.role = _parse_role(role)
-        if not isinstance(pool, KVPool):
-            raise TypeError(f"pool must be a KVPool, got {type(pool).__name__}")
+        if isinstance(pool, KVPool):
+            self.tensors: KVPool | None = pool
+            self.regions = from_kv_pool(pool)
+        elif isinstance(pool, RankRegions):
+            self.tensors, self.regions = None, pool
+        else:
+            raise TypeError(f"pool must be a KVPool or a RankRegions, got {type(pool).__name__}")
         self.config = config or ManagerConfig()
         self.pool = pool
         self.clock = clock
@@ -120,7 +132,8 @@ class KVManager:
         self._metrics: MetricsObserver | None = metrics.observer(self) if metrics is not None else None
         staging: bool | StagingStore = False
         if self.role is Role.RECEIVER:
-            staging = StagingStore("prefetch_requested", StagingRing(pool.staging_units))
+            units = self.tensors.staging_units if self.tensors is not None else 0
+            staging = StagingStore("prefetch_requested", StagingRing(units))
         self.table = RoomTable(
             self.role, deadlines=self.config.deadlines, observer=_Forward(self), staging=staging
         )
@@ -132,7 +145,7 @@ class KVManager:
         self.stall = StallWatch(self.config.heartbeat_interval, clock())
         self._fatal: BaseException | None = None
         self._ctx: zmq.Context[Any] = zmq.Context()
-        self.agent = NixlAgent(self.agent_name, pool, self.config.backends)
+        self.agent = NixlAgent(self.agent_name, self._registered_regions(), self.config.backends)
         try:
             self.side = self._make_side(bootstrap_port)
         except BaseException:
@@ -142,6 +155,16 @@ class KVManager:
         self.bootstrap_addr: str = getattr(self.side, "address", "")
         self._thread = threading.Thread(target=self._run, name=f"kvroom-{self.role.value}", daemon=True)
         self._thread.start()
+
+    def _registered_regions(self) -> list[Region]:
+        regions = list(self.regions.pool)
+        tensors = self.tensors
+        if tensors is not None and tensors.staging_units:
+            size = int(tensors.staging.numel())
+            regions.append(
+                Region("staging", int(tensors.staging.data_ptr()), size, size, tensors.mem, tensors.device)
+            )
+        return regions
 
     def _make_side(self, port: int) -> Any:
         if self.role is Role.SENDER:

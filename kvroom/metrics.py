@@ -163,33 +163,28 @@ def _peer_count(manager: KVManager) -> int:
 def room_bytes(manager: KVManager, room_id: int) -> int:
     """Bytes of KV (and aux) a live room moves: what prefill writes or decode receives.
 
-    Prefill: each decode rank's pages times the bytes of the heads both hold,
-    plus the aux slot where one was sent.  Decode: its pages times a local
-    page (every layer), plus its aux slot.  Read from the room's stores, so
+    Prefill: the bytes of the WRITE descriptors it posted for the room (pages,
+    aux and state rows).  Decode: its pages, aux row and state rows times the
+    bytes of one item of every buffer of that index space.  Read from the room's stores, so
     only meaningful before the room is cleared.
     """
-    pool = manager.pool
-    layout = pool.layout
-    total = 0
-    if manager.role is Role.SENDER:
-        infos = manager.table.transfer_infos.get(room_id) or {}
-        plan = getattr(manager.side, "send_plans", None)
-        send_plan = plan.get(room_id) if plan is not None else None
-        for info in infos.values():
-            heads = getattr(info, "heads", None)
-            if heads is None:
-                continue
-            per_page = (heads[1] - heads[0]) * layout.head_bytes * layout.page_size * layout.layers
-            total += int(info.pages.size) * per_page
-            if info.aux_index is not None and getattr(send_plan, "aux_index", None) is not None:
-                total += pool.aux_slot_bytes
-        return total
+    if manager.role is Role.SENDER:  # what its WRITE descriptors moved, counted as they were posted
+        plans = getattr(manager.side, "send_plans", None)
+        send_plan = plans.get(room_id) if plans is not None else None
+        return int(getattr(send_plan, "bytes_posted", 0))
     plans = getattr(manager.side, "plans", None)
-    receive_plan = plans.get(room_id) if plans is not None else None
-    if receive_plan is not None:
-        total = int(receive_plan.pages.size) * layout.page_bytes * layout.layers
-        if receive_plan.aux_index is not None:
-            total += pool.aux_slot_bytes
+    plan = plans.get(room_id) if plans is not None else None
+    if plan is None:
+        return 0
+    per_item: dict[str, int] = {}  # bytes of one page (or row) of each index space, every buffer
+    for buffer in manager.regions.layout.buffers():
+        region = manager.regions.regions[buffer.key]
+        per_item[buffer.space] = per_item.get(buffer.space, 0) + region.item_bytes
+    total = int(plan.pages.size) * per_item.get("kv", 0)
+    if plan.aux_index is not None:
+        total += per_item.get("aux", 0)
+    for space, rows in plan.state.items():
+        total += len(rows) * per_item.get(space, 0)
     return total
 
 

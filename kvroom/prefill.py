@@ -13,8 +13,12 @@ Three things deliberately outlive a room, each bounded:
 * tombstones of failed rooms, so late transfer info for them is answered at once.
 
 A room is bound to every decode rank (``infos_needed`` of them: decode's TP
-size, or the sender's ``required_dst_info_num``).  Its verdict follows
-:mod:`kvroom.protocol`: prefill rank 0 (the coordinator) reaches Success once
+x PP size, or the sender's ``required_dst_info_num``).  What this rank writes
+into each decode rank is the planner's (:mod:`kvroom.planning`): a route bound
+once per decode peer at the handshake, then :func:`~kvroom.planning.align_chunk`
+and the route's plan per chunk (:mod:`kvroom.shares`); a rank the assignment
+gives nothing only sends the bare end of its share.  Its verdict follows
+:mod:`kvroom.protocol`: prefill rank 0 (TP rank 0 of PP stage 0: the coordinator) reaches Success once
 its WRITEs completed and every decode rank voted READY, and tells them COMMIT;
 another prefill rank reaches Success on the commit a decode rank relays.
 Every protocol input goes through :meth:`PrefillSide.react`.
@@ -23,8 +27,8 @@ Every protocol input goes through :meth:`PrefillSide.react`.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -32,47 +36,21 @@ import zmq
 from kvroom.errors import IncompatiblePeerError, PeerLostError, ProtocolError, RemoteFailureError
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
+from kvroom.planning import PairRoute, RankRegions, align_chunk, route, stage_entries
 from kvroom.protocol import Fire, Input, PrefillVerdict
+from kvroom.shares import ChunkWrite, direct_writes, staged_writes
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlServer
-from kvroom.transport.descriptors import IntArray, page_runs, row_descriptors, run_descriptors, validate_pages
+from kvroom.transport.descriptors import IntArray, validate_pages
 from kvroom.transport.faults import classify
-from kvroom.transport.layout import KVLayout, Regions, head_overlap
 from kvroom.transport.nixl import Transfer
+from kvroom.transport.notif import Notif, notif_message, parse_notif
 from kvroom.transport.staging import chunk_pages
 
 if TYPE_CHECKING:
     from kvroom.manager import KVManager
 
-__all__ = ["Notif", "PrefillSide", "TransferInfo", "SendPlan", "notif_message", "parse_notif"]
-
-
-def notif_message(room: int, seq: int, start: int, npages: int, last: bool) -> bytes:
-    """The NIXL notification that rides on each WRITE: pages ``start..start+npages``
-    of the destination's page list arrived; ``last`` ends this source's share."""
-    return f"kvr2:{room}:{seq}:{start}:{npages}:{int(last)}".encode()
-
-
-class Notif(NamedTuple):
-    """A parsed chunk notification."""
-
-    room: int
-    seq: int
-    start: int
-    npages: int
-    last: bool
-
-
-def parse_notif(msg: bytes) -> Notif | None:
-    """The notification, or None for anything malformed."""
-    try:
-        tag, *numbers, last = msg.decode("ascii").split(":")
-        room, seq, start, npages = (int(x) for x in numbers)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if tag != "kvr2" or min(room, seq, start, npages) < 0 or last not in ("0", "1"):
-        return None
-    return Notif(room, seq, start, npages, last == "1")
+__all__ = ["Notif", "PrefillSide", "SendPlan", "TransferInfo", "notif_message", "parse_notif"]
 
 
 @dataclass
@@ -81,9 +59,15 @@ class DecodePeer:
 
     identity: bytes
     agent: str
-    layout: KVLayout
-    regions: Regions
+    rank: RankRegions  # its layout and regions
+    route: PairRoute  # what this rank writes into it (empty: it only takes part in the verdict)
+    staging: tuple[int, int]  # its staging ring: (base address, bytes)
     last_seen: float
+
+    @property
+    def ranks(self) -> int:
+        """How many ranks its side runs (TP x PP): the decode ranks a room waits for."""
+        return self.rank.layout.tp_size * self.rank.layout.pp_size
 
 
 @dataclass(frozen=True)
@@ -91,9 +75,10 @@ class TransferInfo:
     """Where one decode rank wants a room's pages.
 
     ``pages``: its pages after the ``prefix_pages`` it already holds (empty
-    for a rank that holds none of our heads: it only watches the room).
+    for a rank we write nothing into: it only watches the room).
     ``staging``: the ring offset of each ``chunk_pages`` chunk, when decode
-    wants our pages staged rather than written in place.
+    wants our pages staged rather than written in place.  ``state``: its
+    rows per state index space (mamba rows, sliding-window pages).
     """
 
     peer: str
@@ -102,7 +87,8 @@ class TransferInfo:
     prefix_pages: int
     staging: tuple[int, ...] | None
     chunk_pages: int
-    heads: tuple[int, int] | None  # global heads both ranks hold
+    state: dict[str, IntArray]
+    writes: bool  # the assignment gives us something to write into it
 
 
 @dataclass
@@ -111,21 +97,10 @@ class SendPlan:
 
     num_pages: int
     aux_index: int | None
+    state: dict[str, IntArray] | None = None  # rows per state index space, sent with the last chunk
     sent_pages: int = 0
-    seq: int = 0  # next notification sequence number (worker only)
-
-
-class _Write(NamedTuple):
-    """One WRITE to post to a decode rank: descriptor rows on both sides and its notification."""
-
-    peer: DecodePeer
-    local: Any
-    local_mem: str
-    remote: Any
-    remote_mem: str
-    start: int  # first page of the rank's page list it fills
-    npages: int
-    ends: bool  # the last WRITE of this rank's share
+    seqs: dict[str, int] = field(default_factory=dict)  # next notification number per decode agent
+    bytes_posted: int = 0  # what the room's WRITE descriptors moved so far (metrics)
 
 
 class PrefillSide:
@@ -142,7 +117,8 @@ class PrefillSide:
         # required_dst_info_num a sender declared (else decode's rank count decides)
         self.dst_counts: RoomStore[int] = table.register_store(RoomStore("dst_info_nums"))
         self.verdicts: RoomStore[PrefillVerdict] = table.register_store(RoomStore("verdicts"))
-        self.coordinator = manager.pool.layout.tp_rank == 0  # prefill rank 0 decides every room's verdict
+        mine = manager.regions.layout  # TP rank 0 of PP stage 0 decides every room's verdict
+        self.coordinator = mine.tp_rank == 0 and mine.pp_rank == 0
         self.peers: dict[bytes, DecodePeer] = {}
         self.by_agent: dict[str, DecodePeer] = {}
         # room id -> [(identity, message, arrival)]: info for rooms not created yet
@@ -298,18 +274,18 @@ class PrefillSide:
         plan = self.send_plans.get(room.id)
         if infos is None or plan is None:
             return
-        writes: list[_Write] = []
+        writes: list[tuple[DecodePeer, ChunkWrite]] = []
         ends: list[DecodePeer] = []  # ranks whose share ends with no WRITE in this chunk
         for info in infos.values():
             peer = self.by_agent.get(info.peer)
             if peer is None:
                 return  # the peer is gone; its rooms were failed with it
-            if info.heads is None:  # a watching rank: no data, only the end of our share
-                if last:
-                    ends.append(peer)
-                continue
-            mine = self._plan_writes(peer, info, plan, src, offset, last)
-            writes.extend(mine)
+            try:
+                mine = self._chunk_writes(peer, info, plan, src, offset, last) if info.writes else []
+            except ValueError as exc:
+                self.react(room, Input.WRITE_ERROR, peer.agent, reason=f"room {room.id}: {exc}", error=exc)
+                return
+            writes.extend((peer, w) for w in mine)
             if last and not mine:
                 ends.append(peer)
         if last:  # Success also waits for the votes (coordinator) or the relayed commit: count first
@@ -323,14 +299,18 @@ class PrefillSide:
             if not self._notify_end(room, peer, plan):
                 return
         posted: list[tuple[Transfer, str]] = []
-        for i, w in enumerate(writes):
-            notif = notif_message(room.id, plan.seq, w.start, w.npages, w.ends)
-            plan.seq += 1
+        final = {peer.agent: i for i, (peer, _) in enumerate(writes)} if last else {}
+        for i, (peer, w) in enumerate(writes):
+            seq = plan.seqs.get(peer.agent, 0)
+            plan.seqs[peer.agent] = seq + 1
+            notif = notif_message(room.id, seq, w.start, w.npages, final.get(peer.agent) == i)
             ends_room = last and i == len(writes) - 1
-            got = self._write(room, w.peer, w.local, w.local_mem, w.remote, w.remote_mem, notif, ends_room)
-            if got is None:
+            got = self._write(room, peer, w.local, w.local_mem, w.remote, w.remote_mem, notif, ends_room)
+            if got is None:  # the room failed: what was posted still drains before decode is told
+                self.active.extend(t for t, _ in posted)
                 return
             posted.append(got)
+            plan.bytes_posted += int(w.local[:, 1].sum())
         # only now, with every WRITE of the chunk counted, may completions finish the room
         for transfer, state in posted:
             if state == "DONE":
@@ -340,86 +320,39 @@ class PrefillSide:
         if last and not writes:  # nothing to copy: the room ends here
             self.m.fire(room, Event.COMPLETE, aux=True)
 
-    def _plan_writes(
+    def _chunk_writes(
         self, peer: DecodePeer, info: TransferInfo, plan: SendPlan, src: IntArray, offset: int, last: bool
-    ) -> list[_Write]:
-        """The WRITEs of pages ``src`` (request pages ``offset..``) for one decode rank."""
-        pool, regions, mine = self.m.pool, peer.regions, self.m.pool.layout
-        skip = max(0, info.prefix_pages - offset)
-        src = src[skip:]
-        lo = offset + skip - info.prefix_pages
-        writes: list[_Write] = []
-        if src.size and info.staging is not None:
-            writes = self._staged_writes(peer, info, src, lo)
-        elif src.size:
-            dst = info.pages[lo : lo + src.size]
-            assert info.heads is not None
-            h_lo, h_hi = info.heads
-            theirs = peer.layout
-            if (h_lo, h_hi) == mine.heads == theirs.heads:  # whole pages: coalesced runs
-                s_start, d_start, lengths = page_runs(src, dst)
-                local = run_descriptors(pool.regions.bases, pool.page_bytes, s_start, lengths, pool.device)
-                remote = run_descriptors(regions.bases, theirs.page_bytes, d_start, lengths, regions.device)
-            else:  # head slices inside pages, written in place: one row per token
-                hb, length = mine.head_bytes, (h_hi - h_lo) * mine.head_bytes
-                local = row_descriptors(
-                    pool.regions.bases, mine.page_bytes, src, mine.page_size, mine.row_bytes,
-                    (h_lo - mine.heads[0]) * hb, length, pool.device,
-                )  # fmt: skip
-                remote = row_descriptors(
-                    regions.bases, theirs.page_bytes, dst, mine.page_size, theirs.row_bytes,
-                    (h_lo - theirs.heads[0]) * hb, length, regions.device,
-                )  # fmt: skip
-            writes = [_Write(peer, local, pool.mem, remote, regions.mem, lo, int(src.size), False)]
-        if writes and last:
-            writes[-1] = writes[-1]._replace(ends=True)
-        if last and plan.aux_index is not None and info.aux_index is not None:
-            slot = pool.aux_slot_bytes
-            local_aux = np.array(
-                [[pool.regions.aux_base + plan.aux_index * slot, slot, pool.aux_device]], np.uint64
-            )
-            remote_aux = np.array(
-                [[regions.aux_base + info.aux_index * slot, slot, regions.aux_device]], np.uint64
-            )
-            if writes and pool.aux_mem == pool.mem and regions.aux_mem == regions.mem:
-                w = writes[-1]
-                writes[-1] = w._replace(
-                    local=np.vstack([w.local, local_aux]), remote=np.vstack([w.remote, remote_aux])
-                )
-            else:  # aux in another memory type (or no pages): its own WRITE, which ends the share
-                if writes:
-                    writes[-1] = writes[-1]._replace(ends=False)
-                writes.append(_Write(peer, local_aux, pool.aux_mem, remote_aux, regions.aux_mem, 0, 0, True))
-        return writes
-
-    def _staged_writes(self, peer: DecodePeer, info: TransferInfo, src: IntArray, lo: int) -> list[_Write]:
-        """WRITEs of whole local pages into the decode rank's staging chunks."""
-        assert info.staging is not None
-        pool, mine, regions = self.m.pool, self.m.pool.layout, peer.regions
-        size, total = info.chunk_pages, int(info.pages.size)
-        unit = pool.staging_unit_bytes
-        writes: list[_Write] = []
-        for c in range(lo // size, (lo + src.size - 1) // size + 1):
-            j0, j1 = max(lo, c * size), min(lo + src.size, (c + 1) * size)
-            part = src[j0 - lo : j1 - lo]
-            layer_units = chunk_pages(total, size, c) * mine.kv_heads
-            first = regions.staging_base + info.staging[c] * unit
-            bases = [first + k * layer_units * unit for k in range(mine.layers)]
-            slots = np.arange(j0 - c * size, j1 - c * size, dtype=np.int64)
-            s_start, d_start, lengths = page_runs(part, slots)
-            local = run_descriptors(pool.regions.bases, pool.page_bytes, s_start, lengths, pool.device)
-            remote = run_descriptors(bases, pool.page_bytes, d_start, lengths, regions.device)
-            writes.append(_Write(peer, local, pool.mem, remote, regions.mem, j0, j1 - j0, False))
-        return writes
+    ) -> list[ChunkWrite]:
+        """The WRITEs of pages ``src`` (request pages ``offset..``), and with the last its rows."""
+        aux = None
+        if plan.aux_index is not None and info.aux_index is not None:
+            aux = (plan.aux_index, info.aux_index)
+        state: dict[str, tuple[object, object]] = {}
+        for space in sorted(peer.route.spaces - {"kv", "aux"}) if last else ():
+            ours, theirs = (plan.state or {}).get(space), info.state.get(space)
+            if ours is None or theirs is None:
+                side = "the sender" if ours is None else f"decode {peer.agent}"
+                raise ValueError(f"state {space!r}: {side} gave no state_indices for it")
+            state[space] = (ours, theirs)
+        indices = align_chunk(src, offset, info.pages, info.prefix_pages, last=last, state=state, aux=aux)
+        if info.staging is None:
+            return direct_writes(peer.route, indices)
+        tensors, kv = self.m.tensors, peer.rank.pool.kv[0]
+        assert tensors is not None  # _parse_info refuses staging otherwise
+        return staged_writes(
+            self.m.regions, peer.route, indices, info.staging, info.chunk_pages, int(info.pages.size),
+            peer.staging[0], tensors.staging_unit_bytes, kv.mem, kv.device,
+        )  # fmt: skip
 
     def _notify_end(self, room: Room, peer: DecodePeer, plan: SendPlan) -> bool:
         """A rank's share ended with no WRITE: tell it in a bare notification."""
+        seq = plan.seqs.get(peer.agent, 0)
         try:
-            self.m.agent.notify(peer.agent, notif_message(room.id, plan.seq, 0, 0, True))
+            self.m.agent.notify(peer.agent, notif_message(room.id, seq, 0, 0, True))
         except Exception as exc:
             self._fault(room, peer, exc, f"notify room {room.id}", self.m.clock())
             return False
-        plan.seq += 1
+        plan.seqs[peer.agent] = seq + 1
         return True
 
     def _write(
@@ -592,11 +525,9 @@ class PrefillSide:
     def _on_hello(self, identity: bytes, msg: Message, now: float) -> None:
         agent = msg.fields["agent"]
         try:
-            layout = KVLayout.from_dict(msg.fields["layout"])
-            regions = Regions.from_dict(msg.fields["regions"])
-            self.m.pool.layout.check_compatible(layout, agent)
-            if len(regions.bases) != layout.layers:
-                raise ValueError(f"{len(regions.bases)} layer regions for {layout.layers} layers")
+            rank = RankRegions.from_dict(msg.fields["rank"])
+            self.m.regions.check_compatible(rank, agent)
+            pair = route(self.m.regions, rank, stage_entries(rank.layout, self.m.regions.layout))
         except (ValueError, IncompatiblePeerError) as exc:
             self.m.log.warning("kvroom.peer_rejected", peer=agent, reason=str(exc))
             self.server.send(identity, "reject", {"reason": str(exc)[:2000]})
@@ -617,10 +548,11 @@ class PrefillSide:
                 identity, "reject", {"reason": f"metadata names agent {name}, hello said {agent}"}
             )
             return
-        peer = DecodePeer(identity, agent, layout, regions, now)
+        staging = (msg.fields["staging_base"], msg.fields["staging_bytes"])
+        peer = DecodePeer(identity, agent, rank, pair, staging, now)
         self.peers[identity] = peer
         self.by_agent[agent] = peer
-        fields = {"agent": self.m.agent_name, "layout": self.m.pool.layout.to_dict()}
+        fields = {"agent": self.m.agent_name, "rank": self.m.regions.layout.to_dict()}
         self.server.send(identity, "welcome", fields, self.m.agent.metadata())
         self.m.log.info("kvroom.peer_joined", peer=agent)
 
@@ -644,7 +576,7 @@ class PrefillSide:
                 for old_ident, _, _ in entries:
                     self._send_failed(old_ident, old_id, "prefill pending-room limit reached")
             return
-        ranks = peer.layout.tp_size
+        ranks = peer.ranks
         with room.lock:
             if not room.live or room.state is not KVPoll.Bootstrapping or peer.agent in room.peers:
                 return  # late or duplicate info: nothing changes
@@ -677,32 +609,39 @@ class PrefillSide:
 
     def _parse_info(self, peer: DecodePeer, msg: Message) -> TransferInfo | str:
         """A room message as transfer info, or the reason it is refused."""
-        f = msg.fields
+        f, rank, what = msg.fields, peer.rank, f"room {msg.fields['room']}"
         pages = np.frombuffer(msg.payload, dtype="<i8").astype(np.int64)
+        state: dict[str, IntArray] = {}
         try:
-            validate_pages(pages, peer.regions.num_pages, f"room {f['room']}")
+            validate_pages(pages, rank.items("kv") or 0, what)
+            for space, rows in (f["state"] or {}).items():
+                state[space] = validate_pages(rows, rank.items(space) or 0, f"{what} state {space!r}")
         except (TypeError, ValueError) as exc:
             return str(exc)
-        aux = f["aux_index"]
-        if aux is not None and not 0 <= aux < peer.regions.aux_slots:
-            return f"aux index {aux} out of range for {peer.regions.aux_slots} slots"
-        mine = self.m.pool.layout
-        heads = head_overlap(mine, peer.layout)
-        if heads is None and (pages.size or aux is not None or f["staging"]):
-            return f"room {f['room']}: prefill rank {mine.tp_rank} holds none of these heads"[:2000]
-        staging = f["staging"]
+        aux, aux_rows = f["aux_index"], rank.items("aux") or 0
+        if aux is not None and not 0 <= aux < aux_rows:
+            return f"aux index {aux} out of range for {aux_rows} slots"
+        writes = not peer.route.empty
+        if not writes and (pages.size or aux is not None or f["staging"] or state):
+            mine = self.m.regions.layout
+            return f"{what}: prefill rank tp {mine.tp_rank} pp {mine.pp_rank} writes nothing into this rank"
+        staging, tensors = f["staging"], self.m.tensors
         if staging is not None:
-            size, unit = f["chunk_pages"], self.m.pool.staging_unit_bytes
+            if tensors is None:
+                return f"{what}: this prefill has no tensor pool to stage from"
+            size, unit, lay = f["chunk_pages"], tensors.staging_unit_bytes, tensors.layout
             for c, offset in enumerate(staging):
-                units = chunk_pages(int(pages.size), size, c) * mine.kv_heads * mine.layers
-                if (offset + units) * unit > peer.regions.staging_bytes:
-                    return f"room {f['room']}: staging chunk {c} lies outside decode's staging buffer"
+                units = chunk_pages(int(pages.size), size, c) * lay.kv_heads * lay.layers
+                if (offset + units) * unit > peer.staging[1]:
+                    return f"{what}: staging chunk {c} lies outside decode's staging buffer"
             staging = tuple(staging)
-        return TransferInfo(peer.agent, pages, aux, f["prefix_pages"], staging, f["chunk_pages"], heads)
+        return TransferInfo(
+            peer.agent, pages, aux, f["prefix_pages"], staging, f["chunk_pages"], state, writes
+        )
 
     def _plan_fits(self, room: Room, plan: SendPlan, info: TransferInfo) -> bool:
         """A rank's page count must equal prefill's pages after the prefix (0 for watchers)."""
-        expected = plan.num_pages - info.prefix_pages if info.heads is not None else 0
+        expected = plan.num_pages - info.prefix_pages if info.writes else 0
         if expected == info.pages.size and info.prefix_pages <= plan.num_pages:
             return True
         error = RemoteFailureError(

@@ -10,6 +10,7 @@ from kvroom.errors import RoomStateError
 from kvroom.fsm import KVPoll, Role
 from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
+from kvroom.shares import state_rows
 from kvroom.transport.control import parse_addresses
 from kvroom.transport.descriptors import validate_pages
 
@@ -21,7 +22,8 @@ class KVReceiver(RoomHandle):
 
     Creating it creates the room (Bootstrapping); ``init()`` starts the
     handshake with the prefill at ``bootstrap_addr`` (a list of addresses, one
-    per prefill tensor-parallel rank in rank order, when prefill runs TP > 1); ``send_metadata()`` tells
+    per prefill rank, stage-major: PP stage 0's TP ranks in order, then stage
+    1's, ...; the first is the room's coordinator); ``send_metadata()`` tells
     prefill where to write.  ``poll()`` turns Failed only once no write for the
     room can still land, so its pages may be reused at once.
     """
@@ -45,16 +47,29 @@ class KVReceiver(RoomHandle):
             self.manager.submit(lambda: self._side.connect(room))
 
     def send_metadata(
-        self, kv_indices: Any, aux_index: int | None = None, decode_prefix_len: int = 0
+        self,
+        kv_indices: Any,
+        aux_index: int | None = None,
+        decode_prefix_len: int = 0,
+        state_indices: Any = None,
     ) -> None:
-        """Tell prefill which of our pages to fill (after a ``decode_prefix_len``-token prefix)."""
+        """Tell prefill where to write: pages (after a ``decode_prefix_len``-token prefix), rows.
+
+        ``aux_index``: one row index into every aux buffer.  ``state_indices``:
+        this request's state rows (``{space: indices}``, or one list when the
+        model has one state space), written with prefill's last chunk.
+        """
         self.manager.check_alive()
-        pool = self.manager.pool
+        regions = self.manager.regions
         room = self.room
-        pages = validate_pages(kv_indices, pool.num_pages, f"room {room.id}")
-        if aux_index is not None and not 0 <= aux_index < pool.aux_slots:
-            raise ValueError(f"aux_index {aux_index} out of range for {pool.aux_slots} aux slots")
-        page_size = pool.layout.page_size
+        pages = validate_pages(kv_indices, regions.items("kv") or 0, f"room {room.id}")
+        aux_rows = regions.items("aux")
+        if aux_index is not None and aux_rows is not None and not 0 <= aux_index < aux_rows:
+            raise ValueError(f"aux_index {aux_index} out of range for {aux_rows} aux slots")
+        if aux_rows is None:  # a pipeline stage without aux buffers: nothing to receive there
+            aux_index = None
+        state = state_rows(state_indices, regions, f"room {room.id}")
+        page_size = regions.layout.model.page_size
         if not isinstance(decode_prefix_len, int) or decode_prefix_len < 0 or decode_prefix_len % page_size:
             raise ValueError(f"decode_prefix_len must be a non-negative multiple of {page_size}")
         if room.state is KVPoll.Failed:
@@ -63,7 +78,7 @@ class KVReceiver(RoomHandle):
             raise RoomStateError(
                 room.id, "receiver", room.state.name, "send_metadata", "metadata already sent"
             )
-        plan = ReceivePlan(pages, aux_index, decode_prefix_len // page_size)
+        plan = ReceivePlan(pages, aux_index, decode_prefix_len // page_size, state)
         table = self.manager.table
         if not table.put_all([(self._side.plans, plan), (table.decode_prefix_lens, decode_prefix_len)], room):
             return

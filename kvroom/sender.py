@@ -10,6 +10,7 @@ from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
 from kvroom.prefill import PrefillSide, SendPlan
 from kvroom.protocol import Input
+from kvroom.shares import state_rows
 from kvroom.transport.descriptors import validate_pages
 
 __all__ = ["KVSender"]
@@ -53,14 +54,18 @@ class KVSender(RoomHandle):
         manager.submit(lambda: self._side.adopt_pending(room))
 
     def init(self, num_pages: int, aux_index: int | None = None) -> None:
-        """Declare the request's page count and aux slot (before the first send)."""
-        pool = self.manager.pool
+        """Declare the request's page count and aux row (before the first send).
+
+        ``aux_index`` is one row index into every aux buffer; a pipeline stage
+        that holds no aux buffers ignores it.
+        """
+        aux_rows = self.manager.regions.items("aux")
         if not isinstance(num_pages, int) or isinstance(num_pages, bool):
             raise TypeError(f"num_pages must be an int, got {type(num_pages).__name__}")
         if num_pages < 0:
             raise ValueError(f"num_pages must be >= 0, got {num_pages}")
-        if aux_index is not None and not 0 <= aux_index < pool.aux_slots:
-            raise ValueError(f"aux_index {aux_index} out of range for {pool.aux_slots} aux slots")
+        if aux_index is not None and aux_rows is not None and not 0 <= aux_index < aux_rows:
+            raise ValueError(f"aux_index {aux_index} out of range for {aux_rows} aux slots")
         if self._side.send_plans.get(self.room.id) is not None:
             raise RoomStateError(
                 self.room.id, "sender", self.room.state.name, "init", "init() was already called"
@@ -72,22 +77,22 @@ class KVSender(RoomHandle):
     def send(self, kv_indices: Any, state_indices: Any = None) -> None:
         """Hand over the next chunk of pages; the last chunk completes ``num_pages``.
 
-        Bad indices raise ValueError/TypeError; calling before the room is
-        WaitingForInput, or after Success, raises RoomStateError.  On a Failed
-        room it does nothing.
+        ``state_indices``: the request's state rows (mamba conv/ssm rows,
+        sliding-window pages), ``{space: indices}`` or one list when the model
+        has one state space; they are written with the last chunk, so give
+        them with it (or earlier).  Bad indices raise ValueError/TypeError;
+        calling before the room is WaitingForInput, or after Success, raises
+        RoomStateError.  On a Failed room it does nothing.
         """
         self.manager.check_alive()
-        if state_indices is not None:
-            raise NotImplementedError(
-                "state_indices (recurrent-state caches) are not supported by kvroom yet"
-            )
         room = self.room
+        state = state_rows(state_indices, self.manager.regions, f"room {room.id}")
         plan = self._side.send_plans.get(room.id)
         if plan is None:
             if room.state is KVPoll.Failed:
                 return
             raise RoomStateError(room.id, "sender", room.state.name, "send", "call init() first")
-        pages = validate_pages(kv_indices, self.manager.pool.num_pages, f"room {room.id}")
+        pages = validate_pages(kv_indices, self.manager.regions.items("kv") or 0, f"room {room.id}")
         with room.lock:
             if plan.sent_pages + pages.size > plan.num_pages:
                 raise ValueError(
@@ -99,6 +104,8 @@ class KVSender(RoomHandle):
         with room.lock:
             offset = plan.sent_pages
             plan.sent_pages += pages.size
+            if state_indices is not None:
+                plan.state = state
             last = plan.sent_pages == plan.num_pages
         self.manager.submit(lambda: self._side.post_chunk(room, pages, offset, last))
 

@@ -158,11 +158,11 @@ class RankServer:
         return dict(self.manager.snapshot())
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, factory: type[RankServer] = RankServer) -> None:
     from kvroom.demo.nodes import die_with_parent
 
     die_with_parent()
-    server = RankServer()
+    server = factory()
     while True:
         try:
             method, args, kwargs = conn.recv()
@@ -177,14 +177,16 @@ def _serve(conn: Connection) -> None:
 class Rank:
     """The test's end of one rank process."""
 
-    def __init__(self, name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str] | None = None, server: type[RankServer] = RankServer
+    ) -> None:
         ctx = mp.get_context("spawn")
         self.name = name
         self.conn, child = ctx.Pipe()
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
         try:
-            self.proc = ctx.Process(target=_serve, args=(child,), name=name, daemon=True)
+            self.proc = ctx.Process(target=_serve, args=(child, server), name=name, daemon=True)
             self.proc.start()
         finally:
             for k, v in saved.items():

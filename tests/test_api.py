@@ -117,7 +117,7 @@ def test_send_misuse_raises_precise_errors(pair: tuple[KVManager, KVManager]) ->
         tx.send([1, 1])
     with pytest.raises(TypeError, match="integers"):
         tx.send(np.array([0.5]))
-    with pytest.raises(NotImplementedError, match="state_indices"):
+    with pytest.raises(ValueError, match="state_indices given, but the model has no state buffers"):
         tx.send([0, 1], state_indices=[0])
     tx.send([0, 1])
     assert wait(lambda: tx.poll() is KVPoll.Success)
@@ -228,7 +228,7 @@ def test_incompatible_layouts_are_refused_before_any_room(pair: tuple[KVManager,
         rx.init()
         rx.send_metadata([0])
         assert wait(lambda: rx.poll() is KVPoll.Failed)
-        with pytest.raises(IncompatiblePeerError, match=r"dtype: ours 'uint8', theirs 'float16'"):
+        with pytest.raises(IncompatiblePeerError, match=r"dtype \(layer\.0: ours 'uint8', theirs 'float16'"):
             rx.failure_exception()
         assert p.snapshot()["peers"] == [] and len(p.table) == 0
     finally:

@@ -9,7 +9,14 @@
 * :mod:`~kvroom.planning.staging`: decode's staging reservations as ranks, so staging is two plans.
 """
 
-from kvroom.planning.assign import Assignment, assign, for_source, group_ranks, writing_sources
+from kvroom.planning.assign import (
+    Assignment,
+    assign,
+    for_source,
+    group_ranks,
+    stage_entries,
+    writing_sources,
+)
 from kvroom.planning.families import attention_buffers, aux_buffers, draft_buffers, mamba_buffers
 from kvroom.planning.layout import DTYPE_BYTES, Buffer, ModelLayout, RankLayout, Section, pp_layers, tp_heads
 from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk
@@ -43,6 +50,7 @@ __all__ = [
     "pp_layers",
     "route",
     "staging_bytes",
+    "stage_entries",
     "staging_rank",
     "synthetic_pool",
     "tp_heads",

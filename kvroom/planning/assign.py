@@ -25,12 +25,12 @@ Consecutive heads with the same source merge into one :class:`Assignment`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvroom.errors import IncompatiblePeerError
 from kvroom.planning.layout import ModelLayout, RankLayout, Section
 
-__all__ = ["Assignment", "assign", "for_source", "group_ranks", "writing_sources"]
+__all__ = ["Assignment", "assign", "for_source", "group_ranks", "stage_entries", "writing_sources"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,27 @@ def _shares(
             else:
                 shares.append((src, k, (head, head + 1)))
     return shares
+
+
+def stage_entries(destination: RankLayout, source: RankLayout) -> tuple[Assignment, ...]:
+    """The entries ``source`` writes into ``destination``, knowing only ``source``'s own stage.
+
+    What a prefill rank computes for a decode rank without the other stages'
+    layer ranges: stages hold disjoint layers, so the candidates for a buffer
+    ``source`` holds are exactly the TP ranks of its stage, and the entries
+    equal those of :func:`assign` over every rank (``source`` at index 0 of
+    the result's ``source`` field means ``source`` itself).  Raises
+    :class:`~kvroom.errors.IncompatiblePeerError` when the models differ.
+    """
+    if source.model != destination.model:
+        destination.model.check_compatible(source.model, "the peer")
+    full = destination.model
+    kept = tuple(b for b in full.buffers if source.holds(b) and destination.holds(b))
+    model = ModelLayout(full.layers, full.page_size, kept)
+    dst = replace(destination, model=model)
+    stage = [replace(source, model=model, tp_rank=t) for t in range(source.tp_size)]
+    mine = for_source(assign(dst, stage), source.tp_rank)
+    return tuple(replace(a, source=0) for a in mine)
 
 
 def for_source(assignments: Iterable[Assignment], source: int) -> tuple[Assignment, ...]:

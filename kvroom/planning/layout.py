@@ -210,7 +210,7 @@ class ModelLayout:
             diffs.setdefault(what, []).append(f"{key}: ours {mine!r}, theirs {theirs!r}")
 
         if self.layers != peer.layers:
-            differ("layer count", "model", self.layers, peer.layers)
+            differ("layer count", "layers", self.layers, peer.layers)
         if self.page_size != peer.page_size:
             differ("page_size", "model", self.page_size, peer.page_size)
         only_ours = sorted(set(self.by_key) - set(peer.by_key))

@@ -67,6 +67,16 @@ class RankRegions:
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed rank description: {exc}") from exc
 
+    def items(self, space: str) -> int | None:
+        """Items every held region of index ``space`` has (the smallest); None when none is held."""
+        counts = [r.items for key, r in self.regions.items() if self.layout.model.by_key[key].space == space]
+        return min(counts) if counts else None
+
+    @property
+    def spaces(self) -> frozenset[str]:
+        """The index spaces of the buffers this rank holds."""
+        return frozenset(b.space for b in self.layout.buffers())
+
     def check_compatible(self, peer: RankRegions, peer_name: str) -> None:
         """Raise :class:`~kvroom.errors.IncompatiblePeerError` unless ``peer`` serves the same model."""
         self.layout.model.check_compatible(peer.layout.model, peer_name)

@@ -15,7 +15,7 @@ from kvroom.errors import ProtocolError
 
 __all__ = ["MAGIC", "VERSION", "Message", "encode", "decode", "SCHEMA", "MAX_HEADER_BYTES"]
 
-VERSION = 3  # 3: the commit round trip (ready / commit / unknown replace done)
+VERSION = 4  # 4: hello/welcome carry planning layouts + regions; room carries state indices
 MAGIC = b"KVR" + bytes([VERSION])
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -24,11 +24,13 @@ _OPT_INT = (int, type(None))
 _STR = (str,)
 _DICT = (dict,)
 _OPT_LIST = (list, type(None))
+_OPT_DICT = (dict, type(None))
 
 # type -> (required fields with their types, payload: "none" | "required")
 SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
-    "hello": ({"agent": _STR, "layout": _DICT, "regions": _DICT}, "required"),
-    "welcome": ({"agent": _STR, "layout": _DICT}, "required"),
+    # rank: RankRegions.to_dict() (decode) / RankLayout.to_dict() (prefill); staging: the decode ring
+    "hello": ({"agent": _STR, "rank": _DICT, "staging_base": _INT, "staging_bytes": _INT}, "required"),
+    "welcome": ({"agent": _STR, "rank": _DICT}, "required"),
     "reject": ({"reason": _STR}, "none"),
     # staging: None, or the staging-ring unit offset of each chunk of chunk_pages pages
     "room": (
@@ -39,6 +41,7 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
             "npages": _INT,
             "staging": _OPT_LIST,
             "chunk_pages": _INT,
+            "state": _OPT_DICT,  # index space -> this rank's state rows / sliding-window pages
         },
         "required",
     ),
@@ -50,6 +53,10 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
     "pong": ({}, "none"),
     "unknown": ({}, "none"),  # prefill -> decode: you are not (or no longer) a peer of mine
 }
+
+
+OPTIONAL: dict[str, frozenset[str]] = {"room": frozenset({"state"})}
+"""Fields a peer may leave out (read as None): a room without state rows need not say so."""
 
 
 class Message(NamedTuple):
@@ -109,6 +116,8 @@ def _check(message: Message, header_len: int) -> None:
     spec, _ = SCHEMA[message.type]
     for name, types in spec.items():
         value = message.fields.get(name, ...)
+        if value is ... and name in OPTIONAL.get(message.type, ()):
+            message.fields[name] = value = None
         if value is ...:
             raise ProtocolError(f"{message.type}: missing field {name!r}")
         if isinstance(value, bool) or not isinstance(value, types):
@@ -128,5 +137,11 @@ def _check(message: Message, header_len: int) -> None:
                 raise ProtocolError(f"room: {len(staging)} staging chunks for {npages} pages of {chunk}")
             if any(isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in staging):
                 raise ProtocolError("room: staging offsets must be non-negative ints")
+        state = message.fields["state"]
+        if state is not None and not all(
+            isinstance(rows, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in rows)
+            for rows in state.values()
+        ):
+            raise ProtocolError("room: state rows must be lists of ints per index space")
     if message.type in ("abort", "failed", "ready", "commit") and not 0 <= message.fields["room"] < 2**64:
         raise ProtocolError(f"{message.type}: room id out of range")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from kvroom.errors import BootstrapError
 from kvroom.transport.descriptors import DescArray
-from kvroom.transport.layout import KVPool
+from kvroom.transport.regions import Region
 
 __all__ = ["NixlAgent", "Transfer", "unique_agent_name"]
 
@@ -44,9 +45,9 @@ class Transfer:
 
 
 class NixlAgent:
-    """A NIXL agent with the memory of one :class:`KVPool` registered."""
+    """A NIXL agent with ``regions`` registered (raw ``(addr, len, dev)`` lists per memory kind)."""
 
-    def __init__(self, name: str, pool: KVPool, backends: tuple[str, ...] = ("UCX",)) -> None:
+    def __init__(self, name: str, regions: Sequence[Region], backends: tuple[str, ...] = ("UCX",)) -> None:
         try:
             from nixl._api import nixl_agent, nixl_agent_config
 
@@ -66,8 +67,17 @@ class NixlAgent:
                 "check the nixl install and NIXL_PLUGIN_DIR"
             )
         self.name = name
-        self.pool = pool
-        self._registered = [self._agent.register_memory(t) for t in pool.tensors()]
+        self.regions = tuple(regions)
+        self._registered: list[Any] = []
+        for mem in sorted({r.mem for r in self.regions}):
+            rows = [(r.addr, r.length, r.device, "") for r in self.regions if r.mem == mem]
+            try:
+                descs = self._agent.register_memory(rows, mem)
+            except Exception as exc:
+                self.close()
+                names = ", ".join(r.name for r in self.regions if r.mem == mem)
+                raise BootstrapError(f"NIXL could not register the {mem} regions ({names}): {exc}") from exc
+            self._registered.append(descs)
         self.posted = 0  # handles created, for tests and operators
         self.released = 0  # handles released; equals posted once idle
 

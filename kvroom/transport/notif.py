@@ -1,0 +1,42 @@
+"""The NIXL notification that rides on each WRITE of a room, and its parser.
+
+``kvr2:room:seq:start:npages:last``: the WRITE numbered ``seq`` (per room
+and decode rank, from 0) of one prefill rank filled pages ``start..start+npages``
+of the decode rank's page list (0 pages for state and aux rows); ``last``
+marks the final WRITE of that prefill rank's share, so its ``seq + 1`` is how
+many WRITEs the share took, whatever order the notifications arrive in.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["Notif", "notif_message", "parse_notif"]
+
+
+def notif_message(room: int, seq: int, start: int, npages: int, last: bool) -> bytes:
+    """The notification of WRITE ``seq`` of a share: pages ``start..start+npages`` arrived;
+    ``last`` ends the share."""
+    return f"kvr2:{room}:{seq}:{start}:{npages}:{int(last)}".encode()
+
+
+class Notif(NamedTuple):
+    """A parsed chunk notification."""
+
+    room: int
+    seq: int
+    start: int
+    npages: int
+    last: bool
+
+
+def parse_notif(msg: bytes) -> Notif | None:
+    """The notification, or None for anything malformed."""
+    try:
+        tag, *numbers, last = msg.decode("ascii").split(":")
+        room, seq, start, npages = (int(x) for x in numbers)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if tag != "kvr2" or min(room, seq, start, npages) < 0 or last not in ("0", "1"):
+        return None
+    return Notif(room, seq, start, npages, last == "1")
