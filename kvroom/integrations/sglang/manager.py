@@ -140,6 +140,9 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             raise ValueError(f"kvroom needs a prefill or decode scheduler, got mode {role!r}")
         self.role = role
         tp, rank, pp, dp_rank = _parallel(server_args, args)
+        # prefill TP != decode TP: kvroom stages head slices through a ring of this many pages on
+        # decode; without one it writes them in place, one descriptor per token row
+        staging = int(os.environ.get("KVROOM_STAGING_PAGES", "0"))
         self.attn_tp_size, self.attn_tp_rank, self.pp_size, self.attn_dp_rank = tp, rank, pp, dp_rank
         self.attn_cp_size, self.attn_cp_rank = 1, 0
         self.aux = AuxPacker(args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens)
@@ -152,6 +155,7 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             aux=self.aux.packed,
             is_mla=self.is_mla_backend,
             pp_size=pp,
+            staging_pages=staging if role == "decode" else 0,
         )
         self.page_bytes = self.pool.page_bytes * len(self.pool.layers)
         deadlines = Deadlines(
@@ -164,6 +168,7 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             heartbeat_interval=_env_float("KVROOM_HEARTBEAT_INTERVAL", 0.5),
             heartbeat_timeout=_env_float("KVROOM_HEARTBEAT_TIMEOUT", 5.0),
             host=_local_ip(),
+            transfer_mode="auto" if staging else "direct",
         )
         self.kv = KVManager(role, self.pool, config=config, logger=audit_logger())
         self.bootstrap_url = _bootstrap_url(server_args)

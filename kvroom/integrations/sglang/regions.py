@@ -81,6 +81,7 @@ def pool_from_kv_args(
     aux: torch.Tensor,
     is_mla: bool = False,
     pp_size: int = 1,
+    staging_pages: int = 0,
 ) -> KVPool:
     """The kvroom pool over the KV buffers of ``args`` (MHA, DRAM), with ``aux`` as its aux tensor."""
     _check_supported(args, is_mla, pp_size)
@@ -96,7 +97,15 @@ def pool_from_kv_args(
         alias(int(ptr), pages * item).view(pages, page_size, kv_heads, head_bytes)
         for ptr in args.kv_data_ptrs
     ]
-    return KVPool(layers, aux, page_size=page_size, kv_heads=kv_heads, tp_rank=tp_rank, tp_size=tp_size)
+    return KVPool(
+        layers,
+        aux,
+        page_size=page_size,
+        kv_heads=kv_heads,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        staging_pages=staging_pages,
+    )
 
 
 class AuxPacker:

@@ -41,7 +41,12 @@ def open_mid_transfer(prefill: Node, decode: Node, addr: str, room: int, dst: li
 
 
 def test_a_decode_killed_mid_transfer_fails_only_its_rooms_and_leaves_nothing(cluster: Cluster) -> None:
-    prefill, dead, alive, addr = cluster.prefill[0], cluster.decodes[0][0], cluster.decodes[1][0], cluster.addr
+    prefill, dead, alive, addr = (
+        cluster.prefill[0],
+        cluster.decodes[0][0],
+        cluster.decodes[1][0],
+        cluster.addr,
+    )
     dst = list(range(10, 18))
     doomed, bystander = [1, 2], 3
     for k, room in enumerate(doomed):
