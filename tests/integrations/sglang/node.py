@@ -214,6 +214,73 @@ class SchedulerRank:
     def aux(self, row: int) -> tuple[int, int]:
         return int(self.meta.bootstrap_room[row][0]), int(self.meta.output_ids[row][0])
 
+    def queue_add(self, room: int, aux: int) -> None:
+        """Hand a receiver to SGLang's ``DecodeTransferQueue`` (made once, without a scheduler).
+
+        The queue is SGLang's class with its polling, metadata gate, failure handling and
+        metadata-row release; only what touches the model's request state is recorded
+        instead: committing a finished request and releasing its KV cache.
+        """
+        from sglang.srt.disaggregation.decode import DecodeRequest, DecodeTransferQueue
+
+        if getattr(self, "queue", None) is None:
+            queue = DecodeTransferQueue.__new__(DecodeTransferQueue)
+            self.committed: list[int] = []
+            self.released: list[int] = []
+            self.freed: list[int] = []
+            streamer = types.SimpleNamespace(stream_output=lambda reqs, logprob: None)
+            queue.__dict__.update(
+                queue=[],
+                gloo_group=self.group,
+                req_to_metadata_buffer_idx_allocator=types.SimpleNamespace(free=self.freed.append),
+                tp_rank=self.rank,
+                metadata_buffers=self.meta,
+                scheduler=types.SimpleNamespace(
+                    enable_decode_hicache=False,
+                    enable_hisparse=False,
+                    kv_checksum_computer=None,
+                    output_streamer=streamer,
+                    metrics_reporter=types.SimpleNamespace(enable_metrics=False),
+                ),
+                enable_host_receive=False,
+                tree_cache=types.SimpleNamespace(unlock=lambda lock: None),  # no prefix cache here
+                enable_staging=False,
+                staging_handler=None,
+                enable_deferred_kv_release=True,  # asked for: kvroom's manager declines it
+                deferred_kv_release_timeout=30.0,
+                _deferred_releases=[],
+                _skipped_checksum_signatures=set(),
+            )
+
+            def commit(dr: Any) -> None:  # the real one fills the request, then clears the receiver
+                self.committed.append(dr.req.bootstrap_room)
+                dr.kv_receiver.clear()
+                dr.kv_receiver = None
+
+            queue._commit_transfer_to_req = commit
+            queue._release_request = lambda dr: self.released.append(dr.req.bootstrap_room)
+            self.queue = queue
+        req = types.SimpleNamespace(
+            rid=f"req-{room}",
+            bootstrap_room=room,
+            bootstrap_host="127.0.0.1",
+            finished_reason=None,
+            return_logprob=False,
+        )
+        self.queue.add(DecodeRequest(req=req, kv_receiver=self.requests[room], metadata_buffer_index=aux))
+
+    def queue_pop(self) -> dict[str, list[int]]:
+        """One ``pop_transferred()`` of SGLang's queue: what it popped, committed, released, freed."""
+        popped = [r.bootstrap_room for r in self.queue.pop_transferred()]
+        return {
+            "popped": popped,
+            "committed": list(self.committed),
+            "released": list(self.released),
+            "freed": list(self.freed),
+            "queued": [dr.req.bootstrap_room for dr in self.queue.queue],
+            "deferred": len(self.queue._deferred_releases),
+        }
+
     # -- both --------------------------------------------------------------------
 
     def failure(self, room: int) -> dict[str, Any]:

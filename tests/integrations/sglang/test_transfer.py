@@ -10,7 +10,9 @@ chunk, a zero-page last chunk, abort and timeout latching).
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +27,15 @@ ROOMS = itertools.count(1001)
 
 
 @pytest.fixture(scope="module")
-def pair() -> Iterator[tuple[Node, Node, str]]:
-    cluster = Cluster(env={"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(WAITING_DEADLINE)})
+def audit_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The JSON-lines file both processes' audit events go to (through SGLang's logging)."""
+    return tmp_path_factory.mktemp("audit") / "kvroom-audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def pair(audit_log: Path) -> Iterator[tuple[Node, Node, str]]:
+    env = {"SGLANG_DISAGGREGATION_WAITING_TIMEOUT": str(WAITING_DEADLINE), "KVROOM_AUDIT_LOG": str(audit_log)}
+    cluster = Cluster(env=env)
     try:
         yield cluster.prefill[0], cluster.decodes[0][0], cluster.addr
     finally:
@@ -163,3 +172,49 @@ def test_failure_exception_on_a_live_room_blames_another_rank_and_aborts(
         assert node.call("wait", [room], list(TERMINAL), 30) == {room: "Failed"}
         assert_clean(node, room)
         node.call("clear", room)
+
+
+def test_sglangs_decode_transfer_queue_pops_finished_requests_and_frees_failed_ones(
+    pair: tuple[Node, Node, str],
+) -> None:
+    prefill, decode, addr = pair
+    ok = open_room(prefill, decode, addr, [33, 34], aux=6)
+    failed = open_room(prefill, decode, addr, [35, 36], aux=7)
+    for room, aux in ((ok, 6), (failed, 7)):
+        decode.call("queue_add", room, aux)
+        prefill.call("begin", room, 8, aux)
+    state = decode.call("queue_pop")
+    assert state["popped"] == [] and state["queued"] == [ok, failed]  # nothing has landed yet
+    prefill.call("chunk", ok, [3, 4], True)
+    prefill.call("chunk", failed, [5], False)
+    prefill.call("abort", failed)
+    for _ in range(2000):
+        state = decode.call("queue_pop")
+        if not state["queued"]:
+            break
+    assert state["committed"] == [ok] and state["released"] == [failed], state
+    assert sorted(state["freed"]) == [6, 7]  # both metadata rows back to SGLang's allocator
+    assert state["deferred"] == 0  # a failed kvroom room holds no WRITE: pages free at once
+    assert decode.call("holds", [33, 34], [3, 4])
+    for room in (ok, failed):
+        assert_clean(decode, room)
+        prefill.call("wait", [room], list(TERMINAL), 30)
+        prefill.call("clear", room)
+        assert_clean(prefill, room)
+
+
+def test_the_audit_log_written_through_sglangs_logging_replays_clean(
+    pair: tuple[Node, Node, str], audit_log: Path
+) -> None:
+    """Runs last in this module: every room above is terminal and cleared on both sides."""
+    from kvroom.replay import replay
+
+    prefill, decode, _ = pair
+    assert prefill.call("live_rooms") == 0 and decode.call("live_rooms") == 0
+    for _ in range(100):  # the background writers render within ~50 ms
+        report = replay(audit_log.read_text().splitlines())
+        if report.ok:
+            break
+        time.sleep(0.1)
+    assert report.ok, report.to_json()
+    assert report.rooms >= 2 * 12 and report.success and report.failed, report.to_json()
