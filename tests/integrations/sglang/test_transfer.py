@@ -152,7 +152,9 @@ def test_a_room_that_never_gets_a_chunk_fails_by_its_deadline_and_latches(
     got = prefill.call("wait", [room], list(TERMINAL), WAITING_DEADLINE + 30)
     assert got == {room: "Failed"}
     failure = prefill.call("failure", room)
-    assert failure["cause"] == "DeadlineExceededError", failure
+    # whichever side's deadline fires first: prefill's own, or decode's abort carrying it
+    assert failure["cause"] in ("DeadlineExceededError", "RemoteFailureError"), failure
+    assert "deadline" in failure["reason"], failure
     assert decode.call("wait", [room], list(TERMINAL), 30) == {room: "Failed"}
     assert prefill.call("wait", [room], ["Failed"], 1) == {room: "Failed"}
     for node in (prefill, decode):
