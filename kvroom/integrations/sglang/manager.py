@@ -264,8 +264,13 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
         """Nothing to clear: kvroom keeps no deferred-abort state outside the room."""
 
     def should_verify_kv_checksum(self, bootstrap_addr: str) -> bool:
-        """kvroom does not write SGLang's KV checksum row differently: same rule as SGLang's default."""
-        return True
+        """A prefill digest covers this rank's bytes only when both sides run the same attention TP.
+
+        kvroom carries SGLang's checksum row like any metadata row; with another TP width
+        each decode rank holds other heads than the prefill rank digested.
+        """
+        info = self.prefill_info_table.get(bootstrap_addr)
+        return info is not None and int(info.attn_tp_size) == self.attn_tp_size
 
     def close(self) -> None:
         """Stop the kvroom manager (worker thread, sockets, NIXL registrations)."""

@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from tests.integrations.sglang.node import PAGE_SIZE, TERMINAL, Cluster, Node
+from tests.integrations.sglang.cluster import Cluster, Node
+from tests.integrations.sglang.node import PAGE_SIZE, TERMINAL
 
 pytestmark = pytest.mark.slow
 

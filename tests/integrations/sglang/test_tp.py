@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from tests.integrations.sglang.node import PAGE_SIZE, TERMINAL, Cluster, call_all
+from tests.integrations.sglang.cluster import Cluster, call_all
+from tests.integrations.sglang.node import PAGE_SIZE, TERMINAL
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,8 @@ import pytest
 
 pytest.importorskip("sglang")
 
-from tests.integrations.sglang.node import PAGE_SIZE, PAGES, TERMINAL, Cluster, Node
+from tests.integrations.sglang.cluster import Cluster, Node
+from tests.integrations.sglang.node import PAGE_SIZE, PAGES, TERMINAL
 
 pytestmark = pytest.mark.slow
 
