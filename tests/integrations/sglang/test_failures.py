@@ -59,10 +59,10 @@ def test_a_decode_killed_mid_transfer_fails_only_its_rooms_and_leaves_nothing(cl
     got = prefill.call("wait", [*doomed, bystander], list(TERMINAL), HEARTBEAT_TIMEOUT + 30)
     assert got == {1: "Failed", 2: "Failed", 3: "Success"}
     for room in doomed:
+        assert prefill.call("footprint", room) == []  # cleared before the exception is raised
         failure = prefill.call("failure", room)
         assert failure["type"] == "KVTransferError" and not failure["another_rank"], failure
         assert failure["cause"] == "PeerLostError", failure
-        assert prefill.call("footprint", room) == []  # cleared before the exception was raised
         prefill.call("clear", room, times=2)
     assert alive.call("wait", [bystander], list(TERMINAL), 30) == {bystander: "Success"}
     assert alive.call("holds", dst, SRC)

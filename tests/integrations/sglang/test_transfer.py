@@ -134,11 +134,11 @@ def test_an_abort_fails_the_room_on_both_sides_and_latches(pair: tuple[Node, Nod
     prefill.call("chunk", room, [8, 9], True)  # a chunk after the abort changes nothing
     for node in (prefill, decode):
         assert node.call("wait", [room], ["Failed"], 1) == {room: "Failed"}  # latched
+        assert_clean(node, room)  # clean before failure_exception() is even called
         failure = node.call("failure", room)
         assert failure["type"] == "KVTransferError", failure
         assert failure["another_rank"] is False
         assert failure["cause"] is not None and "abort" in failure["reason"].lower(), failure
-        assert_clean(node, room)  # clean before failure_exception() was even called
     assert decode.call("release_safe", room)  # decode's pages are reusable at once
     for node in (prefill, decode):
         node.call("clear", room, times=2)
