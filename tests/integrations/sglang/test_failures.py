@@ -77,3 +77,18 @@ def test_a_decode_killed_mid_transfer_fails_only_its_rooms_and_leaves_nothing(cl
     assert prefill.call("wait", [4], list(TERMINAL), 30) == {4: "Success"}
     assert alive.call("wait", [4], list(TERMINAL), 30) == {4: "Success"}
     assert alive.call("holds", dst, SRC)
+
+
+def test_a_prefill_killed_mid_transfer_fails_decode_rooms_by_the_heartbeat_with_pages_free(
+    cluster: Cluster,
+) -> None:
+    prefill, decode, addr = cluster.prefill[0], cluster.decodes[0][0], cluster.addr
+    open_mid_transfer(prefill, decode, addr, 5, list(range(10, 18)), aux=1)
+    prefill.kill()
+    got = decode.call("wait", [5], list(TERMINAL), HEARTBEAT_TIMEOUT + 30)
+    assert got == {5: "Failed"}
+    assert decode.call("footprint", 5) == []
+    assert decode.call("release_safe", 5)  # no WRITE of the dead prefill can land any more
+    failure = decode.call("failure", 5)
+    assert failure["type"] == "KVTransferError" and failure["cause"] == "PeerLostError", failure
+    decode.call("clear", 5, times=2)
