@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-loaded lint typecheck diagrams bench clean
+.PHONY: demo test test-loaded test-sglang lint typecheck diagrams bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,8 +36,26 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# SGLang 0.5.23 with the minimum it imports (its declared deps pin a CUDA torch), CPU torch held
+SGL_VENV := .venv-sglang
+SGL_BIN := $(SGL_VENV)/bin
+SGL_STAMP := $(SGL_VENV)/.installed
+SGL_REQ := tests/integrations/sglang
+
+$(SGL_STAMP): pyproject.toml $(SGL_REQ)/requirements.txt $(SGL_REQ)/constraints.txt
+	$(PY) -m venv $(SGL_VENV)
+	$(SGL_BIN)/pip install -q --upgrade pip
+	$(SGL_BIN)/pip install -q torch==2.13.0
+	$(SGL_BIN)/pip install -q --no-deps sglang==0.5.23
+	$(SGL_BIN)/pip install -q -c $(SGL_REQ)/constraints.txt -r $(SGL_REQ)/requirements.txt
+	$(SGL_BIN)/pip install -q -c $(SGL_REQ)/constraints.txt -e '.[test]'
+	touch $(SGL_STAMP)
+
+test-sglang: $(SGL_STAMP)
+	SGLANG_HOST_IP=127.0.0.1 $(SGL_BIN)/python -m pytest -q tests/integrations/sglang
+
 diagrams: $(STAMP)
 	$(BIN)/kvroom diagrams
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(SGL_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,277 @@
+"""``KvroomKVManager``: SGLang's ``BaseKVManager`` over one kvroom :class:`~kvroom.KVManager`.
+
+Built from the ``KVArgs`` SGLang's ``_init_kv_manager`` fills: the KV buffers
+become a kvroom pool (:func:`~kvroom.integrations.sglang.regions.pool_from_kv_args`),
+the metadata buffers an :class:`~kvroom.integrations.sglang.regions.AuxPacker`.
+Prefill ranks register their kvroom control-plane address with SGLang's own
+HTTP bootstrap server (``PUT /route``, the payload SGLang's backends send);
+decode ranks read it back (``GET /route``) in :meth:`try_ensure_parallel_info`
+and when a receiver starts.
+
+Audit events go through SGLang's logging, as JSON lines on the stdlib logger
+``sglang.srt.disaggregation.kvroom.audit``; with ``KVROOM_AUDIT_LOG=PATH`` they
+are also appended, one JSON object per line, to ``PATH`` for ``kvroom audit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import requests
+import structlog
+from sglang.srt.disaggregation.base.conn import BaseKVManager
+
+from kvroom.config import ManagerConfig
+from kvroom.fsm import Deadlines
+from kvroom.integrations.sglang.regions import AuxPacker, pool_from_kv_args
+from kvroom.manager import KVManager
+
+__all__ = ["AUDIT_LOGGER", "KvroomKVManager", "audit_logger"]
+
+AUDIT_LOGGER = "sglang.srt.disaggregation.kvroom.audit"
+log = logging.getLogger("sglang.srt.disaggregation.kvroom")
+_HTTP_TIMEOUT = 5.0
+_REGISTER_TRIES = 60
+
+
+def audit_logger() -> Any:
+    """A structlog logger rendering kvroom's audit events as JSON onto SGLang's logging."""
+    std = logging.getLogger(AUDIT_LOGGER)
+    path = os.environ.get("KVROOM_AUDIT_LOG")
+    if path and not any(getattr(h, "kvroom_audit", False) for h in std.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.kvroom_audit = True  # type: ignore[attr-defined]
+        std.addHandler(handler)
+        std.setLevel(logging.INFO)
+    return structlog.wrap_logger(
+        std,
+        processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer(sort_keys=True)],
+        wrapper_class=structlog.BoundLogger,
+    )
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def _parallel(server_args: Any, args: Any) -> tuple[int, int, int, int]:
+    """(attention TP size, attention TP rank, PP size, attention DP rank) of this scheduler."""
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        parallel = get_parallel()
+        return (
+            int(parallel.attn_tp_size),
+            int(parallel.attn_tp_rank),
+            int(parallel.pp_size),
+            int(parallel.attn_dp_rank),
+        )
+    except Exception:  # not published (a scheduler always publishes it): read server_args
+        tp = int(getattr(server_args, "tp_size", 1) or 1)
+        dp = int(getattr(server_args, "dp_size", 1) or 1)
+        if getattr(server_args, "enable_dp_attention", False):
+            tp //= dp
+        rank = int(getattr(args, "engine_rank", 0)) % tp
+        return tp, rank, int(getattr(server_args, "pp_size", 1) or 1), 0
+
+
+def _kv_heads(args: Any, server_args: Any, tp: int) -> int:
+    """This rank's KV heads: ``KVArgs.kv_head_num`` (set by SGLang's prefill, and by its decode
+    when staging is on), else the model config's total over the attention TP size."""
+    heads = int(getattr(args, "kv_head_num", 0) or 0)
+    if heads > 0:
+        return heads
+    try:
+        from sglang.srt.configs.model_config import ModelConfig
+
+        total = int(ModelConfig.from_server_args(server_args).get_total_num_kv_heads())
+    except Exception as exc:
+        raise ValueError(
+            "kvroom needs this rank's KV head count: KVArgs.kv_head_num is unset and the model "
+            f"config could not be read ({exc})"
+        ) from exc
+    return max(1, total // tp)
+
+
+def _bootstrap_url(server_args: Any) -> str:
+    try:
+        from sglang.srt.runtime_context import get_disagg, get_serving
+
+        host, port = get_serving().host, get_disagg().disaggregation_bootstrap_port
+    except Exception:
+        host = getattr(server_args, "host", "127.0.0.1")
+        port = server_args.disaggregation_bootstrap_port
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", None: "127.0.0.1"}.get(host, host)
+    return f"http://{host}:{port}"
+
+
+def _local_ip() -> str:
+    try:
+        from sglang.srt.utils.network import get_local_ip_auto
+
+        return str(get_local_ip_auto("127.0.0.1"))
+    except Exception:
+        return os.environ.get("SGLANG_HOST_IP", "127.0.0.1")
+
+
+class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
+    """One per scheduler process and role: owns the kvroom manager, its pool and the aux packer."""
+
+    # kvroom's decode room turns Failed only once no WRITE for it can still land, so SGLang
+    # may free a failed room's pages at once: no deferred release is needed.
+    enable_deferred_decode_kv_release = False
+    supports_deferred_decode_kv_release = False
+    supports_host_destination = False
+
+    def __init__(
+        self, args: Any, disaggregation_mode: Any, server_args: Any, is_mla_backend: bool | None = False
+    ) -> None:
+        self.kv_args = args
+        self.server_args = server_args
+        self.disaggregation_mode = disaggregation_mode
+        self.is_mla_backend = bool(is_mla_backend)
+        role = str(getattr(disaggregation_mode, "value", disaggregation_mode))
+        if role not in ("prefill", "decode"):
+            raise ValueError(f"kvroom needs a prefill or decode scheduler, got mode {role!r}")
+        self.role = role
+        tp, rank, pp, dp_rank = _parallel(server_args, args)
+        # prefill TP != decode TP: kvroom stages head slices through a ring of this many pages on
+        # decode; without one it writes them in place, one descriptor per token row
+        staging = int(os.environ.get("KVROOM_STAGING_PAGES", "0"))
+        self.attn_tp_size, self.attn_tp_rank, self.pp_size, self.attn_dp_rank = tp, rank, pp, dp_rank
+        self.attn_cp_size, self.attn_cp_rank = 1, 0
+        self.aux = AuxPacker(args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens)
+        kv_heads = 1 if self.is_mla_backend else _kv_heads(args, server_args, tp)
+        self.pool = pool_from_kv_args(
+            args,
+            kv_heads=kv_heads,
+            tp_rank=rank,
+            tp_size=tp,
+            aux=self.aux.packed,
+            is_mla=self.is_mla_backend,
+            pp_size=pp,
+            staging_pages=staging if role == "decode" else 0,
+        )
+        self.page_bytes = self.pool.page_bytes * len(self.pool.layers)
+        deadlines = Deadlines(
+            bootstrapping=_env_float("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", 300.0),
+            waiting=_env_float("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", 300.0),
+            transferring=_env_float("KVROOM_TRANSFER_TIMEOUT", 30.0),
+        )
+        config = ManagerConfig(
+            deadlines=deadlines,
+            heartbeat_interval=_env_float("KVROOM_HEARTBEAT_INTERVAL", 0.5),
+            heartbeat_timeout=_env_float("KVROOM_HEARTBEAT_TIMEOUT", 5.0),
+            host=_local_ip(),
+            transfer_mode="auto" if staging else "direct",
+        )
+        self.kv = KVManager(role, self.pool, config=config, logger=audit_logger())
+        self.bootstrap_url = _bootstrap_url(server_args)
+        self.prefill_info_table: dict[str, Any] = {}
+        self._rank_addrs: dict[tuple[str, int], list[str]] = {}
+        self.transfer_infos: dict[int, Any] = {}  # read by SGLang's staging prefetch only
+        if role == "prefill":
+            self.register_to_bootstrap()
+
+    # -- prefill ---------------------------------------------------------------
+
+    def register_to_bootstrap(self) -> None:
+        """``PUT /route`` this rank's kvroom control-plane address on SGLang's bootstrap server."""
+        ip, port = self.kv.bootstrap_addr.rsplit(":", 1)
+        payload = {
+            "attn_tp_size": self.attn_tp_size,
+            "attn_tp_rank": self.attn_tp_rank,
+            "attn_cp_size": 1,
+            "attn_cp_rank": 0,
+            "attn_dp_size": int(getattr(self.server_args, "dp_size", 1) or 1),
+            "attn_dp_rank": self.attn_dp_rank,
+            "pp_size": self.pp_size,
+            "pp_rank": int(getattr(self.kv_args, "pp_rank", 0) or 0),
+            "system_dp_size": 1,
+            "system_dp_rank": 0,
+            "rank_ip": ip,
+            "rank_port": int(port),
+            "page_size": int(self.kv_args.page_size),
+            "kv_cache_dtype": str(getattr(self.kv_args, "kv_cache_dtype_str", "auto")),
+            "load_balance_method": "follow_bootstrap_room",
+        }
+        url, error = f"{self.bootstrap_url}/route", ""
+        for _ in range(_REGISTER_TRIES):  # the server may still be starting, as SGLang's backends allow
+            try:
+                response = requests.put(url, json=payload, timeout=_HTTP_TIMEOUT)
+            except requests.RequestException as exc:
+                error = str(exc)
+            else:
+                if response.status_code == 200:
+                    return
+                error = f"status {response.status_code}: {response.text}"
+            time.sleep(0.5)
+        raise RuntimeError(f"kvroom prefill rank could not register at {url}: {error}")
+
+    # -- decode ----------------------------------------------------------------
+
+    def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
+        """Fetch the prefill's parallel sizes from its bootstrap server; False while not ready."""
+        if bootstrap_addr in self.prefill_info_table:
+            return True
+        from sglang.srt.disaggregation.common.conn import PrefillServerInfo
+
+        query = {k: -1 for k in ("prefill_dp_rank", "prefill_cp_rank", "target_tp_rank", "target_pp_rank")}
+        try:
+            response = requests.get(f"http://{bootstrap_addr}/route", params=query, timeout=_HTTP_TIMEOUT)
+        except requests.RequestException as exc:
+            log.warning("kvroom: bootstrap server %s unreachable: %s", bootstrap_addr, exc)
+            return False
+        if response.status_code != 200:
+            return False
+        self.prefill_info_table[bootstrap_addr] = PrefillServerInfo(**response.json())
+        return True
+
+    def prefill_rank_addresses(self, bootstrap_addr: str, prefill_dp_rank: int) -> list[str]:
+        """kvroom addresses of every prefill TP rank of one DP group, in rank order (cached)."""
+        key = (bootstrap_addr, prefill_dp_rank)
+        if key in self._rank_addrs:
+            return self._rank_addrs[key]
+        if not self.try_ensure_parallel_info(bootstrap_addr):
+            raise ConnectionError(f"prefill bootstrap server {bootstrap_addr} is not ready")
+        info = self.prefill_info_table[bootstrap_addr]
+        if int(info.pp_size) > 1:
+            raise NotImplementedError(
+                "kvroom's SGLang backend does not support pipeline-parallel prefill yet"
+            )
+        addrs = []
+        for tp_rank in range(int(info.attn_tp_size)):
+            query = {"prefill_dp_rank": prefill_dp_rank, "prefill_cp_rank": 0}
+            query.update(target_tp_rank=tp_rank, target_pp_rank=0)
+            response = requests.get(f"http://{bootstrap_addr}/route", params=query, timeout=_HTTP_TIMEOUT)
+            if response.status_code != 200:
+                raise ConnectionError(f"bootstrap server {bootstrap_addr}: {response.text}")
+            rank = response.json()
+            addrs.append(f"{rank['rank_ip']}:{rank['rank_port']}")
+        self._rank_addrs[key] = addrs
+        return addrs
+
+    def is_abort_release_safe(self, bootstrap_room: int, required_acks: int = 0) -> bool:
+        """True once kvroom holds nothing of the room: no WRITE for it can still land."""
+        return not self.kv.footprint(bootstrap_room)
+
+    def clear_deferred_abort_state(self, bootstrap_room: int) -> None:
+        """Nothing to clear: kvroom keeps no deferred-abort state outside the room."""
+
+    def should_verify_kv_checksum(self, bootstrap_addr: str) -> bool:
+        """A prefill digest covers this rank's bytes only when both sides run the same attention TP.
+
+        kvroom carries SGLang's checksum row like any metadata row; with another TP width
+        each decode rank holds other heads than the prefill rank digested.
+        """
+        info = self.prefill_info_table.get(bootstrap_addr)
+        return info is not None and int(info.attn_tp_size) == self.attn_tp_size
+
+    def close(self) -> None:
+        """Stop the kvroom manager (worker thread, sockets, NIXL registrations)."""
+        self.kv.close()

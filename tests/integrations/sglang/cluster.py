@@ -1,0 +1,101 @@
+"""The test's side of the rank processes: :class:`Node` (one process), :class:`Cluster` (a deployment)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+from typing import Any
+
+from tests.integrations.sglang.node import _serve
+
+__all__ = ["Cluster", "Node", "call_all", "free_port"]
+
+
+class Node:
+    """The test's end of one scheduler-rank process."""
+
+    def __init__(self, name: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child,), name=name, daemon=True)
+        self.proc.start()
+        child.close()
+
+    def post(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Send a call without waiting (for collectives across ranks)."""
+        self.conn.send((method, args, kwargs))
+
+    def result(self, method: str, timeout: float = 120.0) -> Any:
+        """The answer to the last posted call."""
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.name}: {method} did not answer in {timeout} s")
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"{self.name}.{method}: {value}")
+        return value
+
+    def call(self, method: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> Any:
+        """Run ``method`` in the process; raises RuntimeError with its traceback on error."""
+        self.post(method, *args, **kwargs)
+        return self.result(method, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it."""
+        if self.proc.is_alive():
+            os.kill(self.proc.pid or 0, signal.SIGCONT)
+            self.proc.kill()
+        self.proc.join(10)
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+
+def call_all(nodes: list[Node], method: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
+    """The same call on every rank at once (collectives), answers in rank order."""
+    for node in nodes:
+        node.post(method, *args, **kwargs)
+    return [node.result(method, timeout) for node in nodes]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """Prefill ranks (rank 0 serves SGLang's bootstrap server) and decode instances, as processes."""
+
+    def __init__(
+        self, prefill_tp: int = 1, decode_tps: tuple[int, ...] = (1,), env: dict[str, str] | None = None
+    ):
+        self.nodes: list[Node] = []
+        port = free_port()
+        self.addr = f"127.0.0.1:{port}"
+        self.prefill = [self._node(f"prefill{r}") for r in range(prefill_tp)]
+        self.decodes = [[self._node(f"decode{i}.{r}") for r in range(tp)] for i, tp in enumerate(decode_tps)]
+        gloo = free_port()
+        for r, node in enumerate(self.prefill):
+            node.post("start", "prefill", r, prefill_tp, port, gloo, r == 0, env)
+        for group in self.decodes:
+            gloo = free_port()
+            for r, node in enumerate(group):
+                node.post("start", "decode", r, len(group), port, gloo, False, env)
+        for node in self.nodes:
+            node.result("start", timeout=300)
+
+    def _node(self, name: str) -> Node:
+        node = Node(name)
+        self.nodes.append(node)
+        return node
+
+    def close(self) -> None:
+        """Kill every process; raises if one outlived it."""
+        for node in self.nodes:
+            node.kill()
+        alive = [node.name for node in self.nodes if node.alive()]
+        assert not alive, f"{alive} outlived the test"
