@@ -33,7 +33,8 @@ from kvroom.errors import (
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
 from kvroom.planning import RankLayout
-from kvroom.protocol import DecodeVerdict, Fire, Input, Msg
+from kvroom.protocol import DecodeVerdict, Input, Msg, Outcome
+from kvroom.protocol.verdicts import Verdicts, fire_actions
 from kvroom.shares import Source, decode_sources, kv_heads
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlClient
@@ -81,7 +82,9 @@ class DecodeSide(DecodeStaging):
         self.m = manager
         table = manager.table
         self.plans: RoomStore[ReceivePlan] = table.register_store(RoomStore("receive_plans"))
-        self.verdicts: RoomStore[DecodeVerdict] = table.register_store(RoomStore("verdicts"))
+        self.verdicts: Verdicts[DecodeVerdict] = table.register_store(
+            Verdicts(lambda room: DecodeVerdict(room.id, room.peers))
+        )
         # rooms failing once their sources confirm: since when (bounded by 2 x heartbeat timeout)
         self.failing_since: RoomStore[float] = table.register_store(RoomStore("failing_since"))
         assert isinstance(table.prefetch_requested, StagingStore) and table.prefetched_rooms is not None
@@ -217,7 +220,7 @@ class DecodeSide(DecodeStaging):
     def send_room(self, room: Room) -> None:
         """Worker: send the room's page list to every prefill rank once all are ready."""
         plan = self.plans.get(room.id)
-        if not room.live or plan is None or plan.sent or self._verdict(room) is None:
+        if not room.live or plan is None or plan.sent or self.verdicts.of(room) is None:
             return
         peers = []
         for address in room.peers:
@@ -299,15 +302,6 @@ class DecodeSide(DecodeStaging):
         """Worker: a local abort."""
         self.react(room, Input.LOCAL_ABORT, reason=reason)
 
-    def _verdict(self, room: Room) -> DecodeVerdict | None:
-        """The room's protocol state, made on first use (None once the room is gone)."""
-        verdict = self.verdicts.get(room.id)
-        if verdict is None:
-            verdict = DecodeVerdict(room.id, room.peers)
-            if not self.verdicts.put(room, verdict):
-                return None
-        return verdict
-
     def react(
         self,
         room: Room,
@@ -323,33 +317,27 @@ class DecodeSide(DecodeStaging):
         ``rank``: the prefill address it came from (None: this process).
         ``state``: act only if the room is still in this state (deadlines).
         """
-        verdict = self._verdict(room)
-        if verdict is None:
-            return
-        with room.lock:
-            if not room.live or (state is not None and room.state is not state):
-                return
+
+        def decide(verdict: DecodeVerdict, now_state: KVPoll) -> Outcome:
             failing = verdict.waiting is not None
-            outcome = verdict.on(room.state, inp, rank, reason=reason, error=error)
-            if verdict.waiting is not None and not failing:
+            outcome = verdict.on(now_state, inp, rank, reason=reason, error=error)
+            if verdict.waiting is not None and not failing:  # the confirmations have a bound
                 self.failing_since.put_locked(room, self.m.clock())
+            return outcome
+
+        outcome = self.verdicts.decide(room, decide, state)
+        if outcome is None:
+            return
         if outcome.unexpected is not None:
             self.m.log.warning("kvroom.unexpected_input", room=room.id, detail=str(outcome.unexpected))
-        now = self.m.clock()
-        for action in outcome.actions:
-            if isinstance(action, Fire):
-                self.m.table.fire(
-                    room, action.event, now, error=action.error, reason=action.reason or None,
-                    chunks=action.chunks,
-                )  # fmt: skip
-                continue
-            peer = self.peers.get(action.to)
+        for send in fire_actions(self.m.table, room, outcome, self.m.clock()):
+            peer = self.peers.get(send.to)
             if peer is None or peer.agent is None:
                 continue  # never greeted, or lost: it has nothing of the room
             fields: dict[str, Any] = {"room": room.id}
-            if action.msg is Msg.ABORT:
-                fields["reason"] = action.reason[:2000]
-            peer.client.send(action.msg.value, fields)
+            if send.msg is Msg.ABORT:
+                fields["reason"] = send.reason[:2000]
+            peer.client.send(send.msg.value, fields)
 
     # -- inbound ------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ from kvroom.errors import IncompatiblePeerError, PeerLostError, ProtocolError, R
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
 from kvroom.planning import PairRoute, RankRegions, align_chunk, route, stage_entries
-from kvroom.protocol import Fire, Input, PrefillVerdict
+from kvroom.protocol import Input, Outcome, PrefillVerdict
+from kvroom.protocol.verdicts import Verdicts, fire_actions
 from kvroom.shares import ChunkWrite, direct_writes, staged_writes
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlServer
@@ -116,7 +117,9 @@ class PrefillSide:
         self.handles: RoomStore[list[Transfer]] = table.register_store(RoomStore("xfer_handles"))
         # required_dst_info_num a sender declared (else decode's rank count decides)
         self.dst_counts: RoomStore[int] = table.register_store(RoomStore("dst_info_nums"))
-        self.verdicts: RoomStore[PrefillVerdict] = table.register_store(RoomStore("verdicts"))
+        self.verdicts: Verdicts[PrefillVerdict] = table.register_store(
+            Verdicts(lambda room: PrefillVerdict(room.id, self.coordinator))
+        )
         mine = manager.regions.layout  # TP rank 0 of PP stage 0 decides every room's verdict
         self.coordinator = mine.tp_rank == 0 and mine.pp_rank == 0
         self.peers: dict[bytes, DecodePeer] = {}
@@ -289,7 +292,7 @@ class PrefillSide:
             if last and not mine:
                 ends.append(peer)
         if last:  # Success also waits for the votes (coordinator) or the relayed commit: count first
-            verdict = self._verdict(room)
+            verdict = self.verdicts.of(room)
             if verdict is None:
                 return
             with room.lock:
@@ -384,15 +387,6 @@ class PrefillSide:
                 room.chunks_needed += 1
         return transfer, state
 
-    def _verdict(self, room: Room) -> PrefillVerdict | None:
-        """The room's protocol state, made on first use (None once the room is gone)."""
-        verdict = self.verdicts.get(room.id)
-        if verdict is None:
-            verdict = PrefillVerdict(room.id, self.coordinator)
-            if not self.verdicts.put(room, verdict):
-                return None
-        return verdict
-
     def react(
         self,
         room: Room,
@@ -409,22 +403,16 @@ class PrefillSide:
         ``rank``: the decode agent it came from (None: this process).
         ``state``: act only if the room is still in this state (deadlines).
         """
-        verdict = self._verdict(room)
-        if verdict is None:
+
+        def decide(verdict: PrefillVerdict, now_state: KVPoll) -> Outcome:
+            return verdict.on(now_state, inp, rank, reason=reason, error=error, ranks_left=ranks_left)
+
+        outcome = self.verdicts.decide(room, decide, state)
+        if outcome is None:
             return
-        with room.lock:
-            if not room.live or (state is not None and room.state is not state):
-                return
-            outcome = verdict.on(room.state, inp, rank, reason=reason, error=error, ranks_left=ranks_left)
         if outcome.unexpected is not None:
             self.m.log.warning("kvroom.unexpected_input", room=room.id, detail=str(outcome.unexpected))
-        now = self.m.clock()
-        for action in outcome.actions:
-            if isinstance(action, Fire):  # a prefill verdict only ever fires room events
-                self.m.table.fire(
-                    room, action.event, now, error=action.error, reason=action.reason or None,
-                    chunks=action.chunks,
-                )  # fmt: skip
+        fire_actions(self.m.table, room, outcome, self.m.clock())  # a prefill verdict sends nothing
 
     def _done(self, transfer: Transfer) -> None:
         self.m.agent.release(transfer)
