@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from kvroom.config import ManagerConfig
 from kvroom.errors import KVRoomError
 from kvroom.fsm import KVPoll
@@ -34,6 +36,8 @@ from kvroom.sender import KVSender
 from kvroom.transport.layout import KVPool
 
 __all__ = ["RoomWorker", "Results"]
+
+_log = structlog.get_logger("kvroom.vllm")
 
 
 @dataclass
@@ -78,7 +82,7 @@ class RoomWorker:
         self.rooms: dict[str, _Open] = {}
         self.errors: set[int] = set()  # decode blocks whose load failed, reported next
         self.stats = new_data()
-        self._seen: int | None = None  # id() of the last metadata taken
+        self._taken: KVRoomMetadata | None = None  # the last metadata taken (held: ids get reused)
 
     def register(self, pool: KVPool) -> None:
         """Start kvroom's manager on the registered pool (once)."""
@@ -97,9 +101,9 @@ class RoomWorker:
 
     def take(self, meta: KVRoomMetadata) -> None:
         """Carry out one step's jobs (each metadata object once)."""
-        if self.manager is None or id(meta) == self._seen:
+        if self.manager is None or meta is self._taken:
             return
-        self._seen = id(meta)
+        self._taken = meta
         for send in meta.sends:
             self._send(send)
         for recv in meta.recvs:
@@ -174,12 +178,13 @@ class RoomWorker:
                 self.stats["bytes"] += len(room.pages) * pool.page_bytes * pool.layout.layers
             self.stats["latency_s"].append(time.monotonic() - room.opened)
             return
-        cause = "RoomAbortedError" if room.cancelled else "unknown"
+        cause, reason = "unknown", ""
         try:
             room.handle.failure_exception()
         except BaseException as exc:
-            cause = type(exc).__name__
+            cause, reason = type(exc).__name__, str(exc)
         self._count_failure(cause)
+        _log.info("kvroom.vllm.room_failed", req_id=room.req_id, cause=cause, reason=reason[:500])
 
     def _count_failure(self, cause: str) -> None:
         failures = self.stats["failures"]
