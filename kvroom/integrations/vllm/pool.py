@@ -57,7 +57,9 @@ def pool_from_caches(
     tp_rank: int = 0,
     tp_size: int = 1,
 ) -> KVPool:
-    """Build the pool kvroom registers with NIXL from vLLM's layer caches (layers sorted by name, numbers numerically).
+    """Build the pool kvroom registers with NIXL from vLLM's layer caches.
+
+    Layers are ordered by name, numbers numerically, so both sides agree.
 
     Raises ValueError for a layout kvroom cannot address page by page (a
     layer view that is neither token-major nor contiguous, e.g. several
@@ -71,7 +73,12 @@ def pool_from_caches(
     if all(v is not None for v in views):
         pages = [v for v in views if v is not None]
         return KVPool(
-            pages, aux, page_size=block_size, kv_heads=int(pages[0].shape[2]), tp_rank=tp_rank, tp_size=tp_size
+            pages,
+            aux,
+            page_size=block_size,
+            kv_heads=int(pages[0].shape[2]),
+            tp_rank=tp_rank,
+            tp_size=tp_size,
         )
     if all(t.is_contiguous() and t.dim() >= 2 for t in layers):
         opaque = [t.reshape(t.shape[0], -1) for t in layers]

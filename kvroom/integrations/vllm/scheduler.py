@@ -136,6 +136,10 @@ class RoomScheduler:
         stores = {"sending": self.sending, "receiving": self.receiving, "cancelling": self.cancelling}
         found = [name for name, store in stores.items() if req_id in store]
         jobs = self.jobs
-        if any(j.req_id == req_id for j in [*jobs.sends, *jobs.recvs]) or req_id in jobs.cancels:
+        if (
+            any(j.req_id == req_id for j in jobs.sends)
+            or any(j.req_id == req_id for j in jobs.recvs)
+            or req_id in jobs.cancels
+        ):
             found.append("jobs")
         return found
