@@ -19,7 +19,8 @@ pytest.importorskip("vllm")
 
 from tests.integrations.vllm.procs import Worker
 
-pytestmark = pytest.mark.slow
+# each test starts two or three processes that import vLLM (~10 s each on a quiet machine)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 BEAT = {"heartbeat_interval": 0.25, "heartbeat_timeout": 4.0}
 SRC = [5, 6, 7]  # prefill's blocks of a 3-block request
