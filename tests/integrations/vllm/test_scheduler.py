@@ -102,7 +102,16 @@ def test_remote_prefill_completes_with_prefills_bytes(engines: Callable[..., tup
     p_pool, d_pool = prefill.worker.worker.manager.pool, decode.worker.worker.manager.pool
     for layer in range(p_pool.layout.layers):
         assert torch.equal(p_pool.layers[layer][list(send.pages)], d_pool.layers[layer][list(recv.pages)])
-    assert sum(s["ended"].get("Success", 0) for s in decode.stats) == 1
+    # the connector's stats go through vLLM's own connector stats logging
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
+
+    logging = KVConnectorLogging(decode.scheduler.vllm_config.kv_transfer_config)
+    for data in decode.stats:
+        logging.observe(data)
+    assert logging.transfer_stats_accumulator is not None
+    reduced = logging.transfer_stats_accumulator.reduce()
+    assert reduced["rooms_Success"] == 1 and reduced["latency_max_ms"] > 0
+    assert reduced["bytes"] == 3 * d_pool.page_bytes * d_pool.layout.layers
     assert_clean(prefill, decode, {"prefill": "p-1", "decode": "d-1"}, 11)
 
 
