@@ -152,6 +152,7 @@ class Engine:
         meta = self.worker.get_handshake_metadata()
         self.connector.set_xfer_handshake_metadata({0: meta})
         self.outputs: dict[str, Any] = {}  # req id -> its final EngineCoreOutput
+        self.computed: dict[str, int] = {}  # req id -> tokens the stub model computed for it
         self.stats: list[dict[str, Any]] = []
 
     def step(self) -> None:
@@ -173,6 +174,8 @@ class Engine:
             self.stats.append(kv.kv_connector_stats.data)
         worker.clear_connector_metadata()
         ids = list(out.num_scheduled_tokens)
+        for req_id, n in out.num_scheduled_tokens.items():
+            self.computed[req_id] = self.computed.get(req_id, 0) + n
         runner = ModelRunnerOutput(
             req_ids=ids,
             req_id_to_index={r: i for i, r in enumerate(ids)},

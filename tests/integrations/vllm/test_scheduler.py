@@ -96,6 +96,7 @@ def test_remote_prefill_completes_with_prefills_bytes(engines: Callable[..., tup
     decode.scheduler.add_request(request("d-1", PROMPT, params, max_tokens=3))
     run([prefill, decode], lambda: "d-1" in decode.outputs and quiet(prefill, decode))
     out = decode.outputs["d-1"]
+    assert decode.computed["d-1"] < len(PROMPT)  # only the last prompt token and the decode steps
     assert out.finish_reason.name == "LENGTH" and len(decode.outputs["d-1"].new_token_ids) >= 1
     (send,), (recv,) = sent, received
     assert len(send.pages) == len(recv.pages) == 3 and recv.prefix_len == 0
@@ -134,8 +135,10 @@ def test_failed_receive_follows_the_load_failure_policy(
     assert failures == {"RemoteFailureError": 1}, failures
     if policy == "fail":
         assert out.finish_reason.name == "ERROR"
-    else:  # rescheduled and prefilled locally: it generated its tokens
+        assert "d-2" not in decode.computed  # never scheduled: it failed while waiting for KV
+    else:  # rescheduled and prefilled locally, the whole prompt: it generated its tokens
         assert out.finish_reason.name == "LENGTH"
+        assert decode.computed["d-2"] >= len(PROMPT)
         assert decode.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == 63
     assert_clean(prefill, decode, {"prefill": "p-2", "decode": "d-2"}, 12)
 
