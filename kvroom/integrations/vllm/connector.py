@@ -27,8 +27,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 
-from kvroom.config import ManagerConfig
-from kvroom.fsm import Deadlines
+from kvroom import Deadlines, ManagerConfig
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata
 from kvroom.integrations.vllm.pool import pool_from_caches
 from kvroom.integrations.vllm.scheduler import RoomScheduler

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from kvroom.transport.layout import KVPool
+from kvroom import KVPool
 
 __all__ = ["pool_from_caches", "token_major"]
 

@@ -25,15 +25,9 @@ from typing import Any
 
 import structlog
 
-from kvroom.config import ManagerConfig
-from kvroom.errors import KVRoomError
-from kvroom.fsm import KVPoll
+from kvroom import KVManager, KVPoll, KVPool, KVReceiver, KVRoomError, KVSender, ManagerConfig
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata, RecvJob, SendJob
 from kvroom.integrations.vllm.stats import new_data
-from kvroom.manager import KVManager
-from kvroom.receiver import KVReceiver
-from kvroom.sender import KVSender
-from kvroom.transport.layout import KVPool
 
 __all__ = ["RoomWorker", "Results"]
 
