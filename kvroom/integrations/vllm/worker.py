@@ -146,8 +146,11 @@ class RoomWorker:
                 room.sent = True
                 sender = room.handle
                 assert isinstance(sender, KVSender)
-                sender.init(len(room.pages))
-                sender.send(list(room.pages))
+                try:
+                    sender.init(len(room.pages))
+                    sender.send(list(room.pages))
+                except (KVRoomError, ValueError, TypeError) as exc:  # e.g. the room failed meanwhile
+                    sender.abort(f"could not send the request's blocks: {exc}")
                 state = sender.poll()
             if state not in (KVPoll.Success, KVPoll.Failed):
                 continue
