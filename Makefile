@@ -47,6 +47,7 @@ $(VLLM_STAMP): pyproject.toml $(VLLM_REQS) $(VLLM_CONSTRAINTS)
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/mypy --cache-dir .mypy_cache/vllm kvroom/integrations
 	$(VLLM_BIN)/python -m pytest -q tests/integrations/vllm
 
 lint: $(STAMP)
