@@ -11,7 +11,10 @@ on prefill and ``kv_role="kv_consumer"`` on decode.  Options go in
 * ``deadlines``: ``[bootstrapping, waiting_for_input, transferring]`` seconds
   (kvroom's :class:`~kvroom.Deadlines`), ``heartbeat_interval``,
   ``heartbeat_timeout``, ``transfer_mode``: kvroom's :class:`~kvroom.ManagerConfig`;
-* ``audit`` (default True): kvroom's structlog audit events per transition.
+* ``audit`` (default True): kvroom's structlog audit events per transition;
+* ``staging_pages`` (decode): kvroom's staging ring, needed when prefill runs another
+  tensor-parallel size (or set ``transfer_mode="direct"``);
+* ``tp_rank`` / ``tp_size``: override what vLLM's parallel state says (tests, custom launchers).
 
 The scheduler side lives in :mod:`.scheduler`, the worker side in
 :mod:`.worker`; this class only routes vLLM's calls to them.
@@ -79,7 +82,7 @@ class KVRoomConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.producer = bool(transfer.is_kv_producer)
         extra: dict[str, Any] = dict(transfer.kv_connector_extra_config or {})
         self.block_size = int(vllm_config.cache_config.block_size)
-        self.tp_size = int(vllm_config.parallel_config.tensor_parallel_size)
+        self.tp_size = int(extra.get("tp_size", vllm_config.parallel_config.tensor_parallel_size))
         self.scheduler: RoomScheduler | None = None
         self.worker: RoomWorker | None = None
         port = int(extra.get("bootstrap_port", 0))
@@ -89,6 +92,7 @@ class KVRoomConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self.scheduler = RoomScheduler(self.producer, self.block_size, addrs)
         else:
             self.tp_rank = _tp_rank(extra)
+            self.staging = int(extra.get("staging_pages", 0))
             self.worker = RoomWorker(
                 self.producer,
                 manager_config(extra),
@@ -102,7 +106,9 @@ class KVRoomConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         """Register vLLM's layer caches with kvroom (see :mod:`.pool`) and start its manager."""
         assert self.worker is not None
-        pool = pool_from_caches(kv_caches, self.block_size, tp_rank=self.tp_rank, tp_size=self.tp_size)
+        pool = pool_from_caches(
+            kv_caches, self.block_size, tp_rank=self.tp_rank, tp_size=self.tp_size, staging_pages=self.staging
+        )
         if pool.layout.tp_size != self.tp_size:
             raise NotImplementedError(
                 "tensor parallelism needs a token-major KV cache layout (VLLM_KV_CACHE_LAYOUT=LBNHC)"

@@ -56,11 +56,14 @@ def pool_from_caches(
     *,
     tp_rank: int = 0,
     tp_size: int = 1,
+    staging_pages: int = 0,
 ) -> KVPool:
     """Build the pool kvroom registers with NIXL from vLLM's layer caches.
 
     Layers are ordered by name, numbers numerically, so both sides agree.
 
+    ``staging_pages``: decode's staging ring, in pages, for prefill ranks whose head slices
+    interleave within decode's pages (unequal tensor parallelism; see kvroom's README).
     Raises ValueError for a layout kvroom cannot address page by page (a
     layer view that is neither token-major nor contiguous, e.g. several
     layers interleaved within a block), naming the layout to choose instead.
@@ -79,6 +82,7 @@ def pool_from_caches(
             kv_heads=int(pages[0].shape[2]),
             tp_rank=tp_rank,
             tp_size=tp_size,
+            staging_pages=staging_pages,
         )
     if all(t.is_contiguous() and t.dim() >= 2 for t in layers):
         opaque = [t.reshape(t.shape[0], -1) for t in layers]

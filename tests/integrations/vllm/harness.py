@@ -99,16 +99,20 @@ def make_scheduler(config: VllmConfig) -> Scheduler:
     return Scheduler(config, kv_cache_config(), StructuredOutputManager(config), block_size=BLOCK)
 
 
-def kv_caches(layout: KVCacheLayout = KVCacheLayout.LBNHC) -> dict[str, torch.Tensor]:
-    """Per-layer cache views exactly as vLLM 0.33 allocates them (one backing tensor per layer)."""
-    page = SPEC.page_size_bytes
+def kv_caches(
+    layout: KVCacheLayout = KVCacheLayout.LBNHC, kv_heads: int = KV_HEADS
+) -> dict[str, torch.Tensor]:
+    """Per-layer cache views exactly as vLLM 0.33 allocates them (one backing tensor per layer);
+    ``kv_heads``: this rank's heads (fewer than the model's under tensor parallelism)."""
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=kv_heads, head_size=HEAD, dtype=torch.float32)
+    page = spec.page_size_bytes
     caches: dict[str, torch.Tensor] = {}
     for name in LAYER_NAMES:
         raw = torch.zeros(page * BLOCKS, dtype=torch.int8)
         tensor = KVCacheTensor(
             size=page * BLOCKS, layers=[name], layer_stride=page * BLOCKS, block_stride=page
         )
-        (caches[name],) = create_kv_cache_views(raw, SPEC, BLOCKS, layout, tensor)
+        (caches[name],) = create_kv_cache_views(raw, spec, BLOCKS, layout, tensor)
     return caches
 
 

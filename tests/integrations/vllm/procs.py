@@ -45,7 +45,7 @@ class ConnectorServer:
         self.crash = ""
         threading.Thread(target=self._loop, name="engine-loop", daemon=True).start()
 
-    def start(self, model: str, role: str, layout: str = "LBNHC", **extra: Any) -> str:
+    def start(self, model: str, role: str, layout: str = "LBNHC", kv_heads: int = 2, **extra: Any) -> str:
         from vllm.v1.kv_cache_layout import KVCacheLayout
 
         from tests.integrations.vllm.harness import kv_caches, vllm_config, worker_connector
@@ -53,7 +53,7 @@ class ConnectorServer:
         self.stop()
         config = vllm_config(model, role, **extra)
         with self.lock:
-            self.connector = worker_connector(config, kv_caches(KVCacheLayout[layout]))
+            self.connector = worker_connector(config, kv_caches(KVCacheLayout[layout], kv_heads))
             pool = self.pool()
             if role == "kv_producer":
                 for layer, tensor in enumerate(pool.layers):
@@ -173,6 +173,19 @@ class ConnectorServer:
             for layer, t in enumerate(pool.layers)
             for d, s in zip(dst, src, strict=True)
         )
+
+    def holds_heads(self, dst: list[int], src: list[int], total_heads: int) -> bool:
+        """Tensor parallelism: pages ``dst`` hold this rank's heads of prefill's pages ``src``."""
+        import torch
+
+        pool = self.pool()
+        lo, hi = pool.layout.heads
+        for layer, t in enumerate(pool.layers):
+            for d, s in zip(dst, src, strict=True):
+                shape = (t.shape[1], total_heads, t.shape[3])
+                if not torch.equal(t[d], pattern(layer, s, shape)[:, lo:hi]):
+                    return False
+        return True
 
     def zero(self, pages: list[int]) -> bool:
         """True when pages hold only zeros in every layer."""

@@ -214,3 +214,25 @@ def test_prefill_replaced_under_the_same_address(spawn: Callable[[str], Worker])
     assert new.call("wait", ["p-3"], "sending", 30)["sending"] == ["p-3"]
     assert_nothing_held(new, decode, [3])
     assert_nothing_held(None, decode, [1, 2])
+
+
+@pytest.mark.parametrize("mode", ["auto", "direct"])
+def test_decode_tensor_parallel_two_ranks_each_receive_their_heads(
+    spawn: Callable[[str], Worker], mode: str
+) -> None:
+    prefill = spawn("prefill")
+    ranks = [spawn("decode-0"), spawn("decode-1")]
+    addr = boot(prefill, "kv_producer", transfer_mode=mode)  # TP 1: both heads
+    # "auto" stages (head slices interleave within a token row), "direct" writes row by row
+    staging = {"staging_pages": 16} if mode == "auto" else {}
+    for r, rank in enumerate(ranks):
+        boot(rank, "kv_consumer", kv_heads=1, tp_rank=r, tp_size=2, transfer_mode=mode, **staging)
+    for rank in ranks:  # both decode ranks register the same blocks of their own caches
+        receive(rank, addr, [1])
+    send(prefill, [1])
+    assert prefill.call("wait", ["p-1"], "sending", 30)["sending"] == ["p-1"]
+    for rank in ranks:
+        assert rank.call("wait", ["d-1"], "recving", 30)["failed"] == []
+        assert rank.call("holds_heads", dst(0), SRC, 2)
+        assert_nothing_held(None, rank, [1])
+    assert_nothing_held(prefill, None, [1])
