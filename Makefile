@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-loaded test-sglang lint typecheck diagrams bench clean
+.PHONY: demo test test-loaded test-sglang test-vllm lint typecheck diagrams bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,26 @@ test-loaded: $(STAMP)
 	@set -e; burn() { $(BIN)/python -c 'while True: pass' & }; burn; p1=$$!; burn; p2=$$!; \
 	trap 'kill $$p1 $$p2 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/python -m pytest -q
+
+# vLLM 0.33.0's CUDA wheel without its CUDA dependencies, the few packages it imports on the
+# scheduler and connector paths, and CPU torch held by a constraints file (see README)
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_REQS := tests/integrations/vllm/requirements.txt
+VLLM_CONSTRAINTS := tests/integrations/vllm/constraints.txt
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_REQS) $(VLLM_CONSTRAINTS)
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q torch==2.13.0
+	$(VLLM_BIN)/pip install -q --no-deps vllm==0.33.0
+	$(VLLM_BIN)/pip install -q -c $(VLLM_CONSTRAINTS) -r $(VLLM_REQS) -e '.[test]'
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/mypy --cache-dir .mypy_cache/vllm kvroom/integrations
+	$(VLLM_BIN)/python -m pytest -q tests/integrations/vllm
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvroom tests benchmarks examples && $(BIN)/ruff format --check kvroom tests benchmarks examples

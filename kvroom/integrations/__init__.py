@@ -1,1 +1,5 @@
-"""Adapters that let serving engines drive kvroom; they depend on the API, nothing depends on them."""
+"""Adapters that plug kvroom into serving engines.
+
+Each adapter depends on kvroom's public API and on its engine (an optional
+extra); nothing in kvroom depends on an adapter.
+"""

@@ -1,0 +1,239 @@
+"""The worker side of the kvroom connector: one KVManager, a sender or receiver per request.
+
+Each step the worker takes the scheduler's jobs (open a room, abort a
+receive) and polls every open room; a room reports once terminal:
+
+* prefill: Success or Failed -> ``finished_sending`` (vLLM frees the blocks);
+  a room opened only to be failed (the request ended without KV) reports
+  nothing, since no blocks were held for it;
+* decode: Success -> ``finished_recving``; Failed -> ``finished_recving`` and
+  ``failed_recving`` and its blocks in :meth:`load_errors`, in the same step,
+  unless the scheduler itself abandoned the request.  kvroom turns a decode
+  room Failed only once no WRITE for it can still land, so vLLM may reuse or
+  recompute into those blocks at once.
+
+Prefill sends a room's blocks as one chunk when decode's page list arrived
+(kvroom's WaitingForInput); vLLM holds the blocks meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from kvroom import KVManager, KVPoll, KVPool, KVReceiver, KVRoomError, KVSender, ManagerConfig
+from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata, RecvJob, SendJob
+from kvroom.integrations.vllm.stats import new_data
+
+__all__ = ["RoomWorker", "Results"]
+
+_log = structlog.get_logger("kvroom.vllm")
+
+
+@dataclass
+class Results:
+    """One step's terminal rooms, in vLLM's terms."""
+
+    finished_sending: set[str] = field(default_factory=set)
+    finished_recving: set[str] = field(default_factory=set)
+    failed_recving: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Open:
+    """A request's open room: its handle, blocks and when it opened."""
+
+    req_id: str
+    handle: KVSender | KVReceiver | _Unopened
+    pages: tuple[int, ...]
+    opened: float
+    sent: bool = False
+    cancelled: bool = False
+
+
+class RoomWorker:
+    """kvroom's state in one vLLM worker (rank ``tp_rank`` of ``tp_size``)."""
+
+    def __init__(
+        self,
+        producer: bool,
+        config: ManagerConfig,
+        *,
+        bootstrap_port: int = 0,
+        tp_rank: int = 0,
+        audit: bool = True,
+    ) -> None:
+        self.producer = producer
+        self.config = config
+        self.bootstrap_port = bootstrap_port
+        self.tp_rank = tp_rank
+        self.audit = audit
+        self.manager: KVManager | None = None
+        self.rooms: dict[str, _Open] = {}
+        self.errors: set[int] = set()  # decode blocks whose load failed, reported next
+        self.stats = new_data()
+        self._taken: KVRoomMetadata | None = None  # the last metadata taken (held: ids get reused)
+
+    def register(self, pool: KVPool) -> None:
+        """Start kvroom's manager on the registered pool (once)."""
+        if self.manager is not None:
+            raise RuntimeError("kvroom KV caches are already registered")
+        port = self.bootstrap_port + self.tp_rank if self.bootstrap_port else 0
+        role = "prefill" if self.producer else "decode"
+        self.manager = KVManager(role, pool, bootstrap_port=port, config=self.config, audit=self.audit)
+
+    def handshake(self) -> KVRoomHandshake | None:
+        """This worker's bootstrap address, for the scheduler to hand to routers."""
+        m = self.manager
+        return None if m is None else KVRoomHandshake(m.bootstrap_addr, m.agent_name, self.tp_rank)
+
+    # -- jobs -------------------------------------------------------------------
+
+    def take(self, meta: KVRoomMetadata) -> None:
+        """Carry out one step's jobs (each metadata object once)."""
+        if self.manager is None or meta is self._taken:
+            return
+        self._taken = meta
+        for send in meta.sends:
+            self._send(send)
+        for recv in meta.recvs:
+            self._recv(recv)
+        for req_id in meta.cancels:
+            room = self.rooms.get(req_id)
+            if room is not None and not room.cancelled:
+                room.cancelled = True
+                room.handle.abort("request aborted by the vLLM scheduler")
+
+    def _send(self, job: SendJob) -> None:
+        assert self.manager is not None
+        try:
+            sender = KVSender(self.manager, None, job.room)
+        except KVRoomError as exc:  # e.g. a duplicate live room id: this request cannot send
+            if job.pages:  # report it Failed next, so vLLM frees the blocks
+                self.rooms[job.req_id] = _Open(job.req_id, _Unopened(exc), job.pages, time.monotonic())
+            else:
+                self._count_failure(type(exc).__name__)
+            return
+        if not job.pages:
+            sender.abort("the prefill request ended without KV to send")
+            self._count_failure("RoomAbortedError")
+            return
+        self.rooms[job.req_id] = _Open(job.req_id, sender, job.pages, time.monotonic())
+
+    def _recv(self, job: RecvJob) -> None:
+        assert self.manager is not None
+        try:
+            receiver = KVReceiver(self.manager, list(job.bootstrap_addr), job.room)
+            receiver.init()
+            receiver.send_metadata(list(job.pages), None, job.prefix_len)
+        except (KVRoomError, ValueError, TypeError) as exc:  # reported as a failed receive next
+            self.rooms[job.req_id] = _Open(job.req_id, _Unopened(exc), job.pages, time.monotonic())
+            return
+        self.rooms[job.req_id] = _Open(job.req_id, receiver, job.pages, time.monotonic())
+
+    # -- progress ---------------------------------------------------------------
+
+    def results(self) -> Results:
+        """Drive every open room one step; report those that ended."""
+        out = Results()
+        for req_id, room in list(self.rooms.items()):
+            state = room.handle.poll()
+            if state is KVPoll.WaitingForInput and self.producer and not room.sent:
+                room.sent = True
+                sender = room.handle
+                assert isinstance(sender, KVSender)
+                try:
+                    sender.init(len(room.pages))
+                    sender.send(list(room.pages))
+                except (KVRoomError, ValueError, TypeError) as exc:  # e.g. the room failed meanwhile
+                    sender.abort(f"could not send the request's blocks: {exc}")
+                state = sender.poll()
+            if state not in (KVPoll.Success, KVPoll.Failed):
+                continue
+            del self.rooms[req_id]
+            self._ended(room, state)
+            if self.producer:
+                out.finished_sending.add(req_id)
+                continue
+            out.finished_recving.add(req_id)
+            if state is KVPoll.Failed and not room.cancelled:
+                out.failed_recving.add(req_id)
+                self.errors.update(room.pages)
+        return out
+
+    def _ended(self, room: _Open, state: KVPoll) -> None:
+        ended = self.stats["ended"]
+        ended[state.name] = ended.get(state.name, 0) + 1
+        if state is KVPoll.Success:
+            room.handle.clear()
+            pool = self.manager.pool if self.manager is not None else None
+            if pool is not None:
+                self.stats["bytes"] += len(room.pages) * pool.page_bytes * pool.layout.layers
+            self.stats["latency_s"].append(time.monotonic() - room.opened)
+            return
+        cause, reason = "unknown", ""
+        try:
+            room.handle.failure_exception()
+        except BaseException as exc:
+            cause, reason = type(exc).__name__, str(exc)
+        self._count_failure(cause)
+        _log.info("kvroom.vllm.room_failed", req_id=room.req_id, cause=cause, reason=reason[:500])
+
+    def _count_failure(self, cause: str) -> None:
+        failures = self.stats["failures"]
+        failures[cause] = failures.get(cause, 0) + 1
+
+    def load_errors(self) -> set[int]:
+        """Decode blocks of failed receives since the last call."""
+        errors, self.errors = self.errors, set()
+        return errors
+
+    def take_stats(self) -> dict[str, Any]:
+        """The interval's stats (rooms open now by state included); starts a new interval."""
+        data, self.stats = self.stats, new_data()
+        live: dict[str, int] = {}
+        for room in self.rooms.values():
+            name = room.handle.poll().name
+            live[name] = live.get(name, 0) + 1
+        data["live"] = live
+        return data
+
+    def held(self, req_id: str, room: int) -> list[str]:
+        """Where this worker still holds request ``req_id`` / room ``room`` (empty when clean)."""
+        found = ["rooms"] if req_id in self.rooms else []
+        if self.manager is not None:
+            found.extend(sorted(self.manager.footprint(room)))
+        return found
+
+    def close(self) -> None:
+        """Abort open rooms and stop kvroom (idempotent)."""
+        for room in self.rooms.values():
+            with contextlib.suppress(Exception):
+                room.handle.abort("the vLLM worker is shutting down")
+        self.rooms.clear()
+        if self.manager is not None:
+            self.manager.close()
+            self.manager = None
+
+
+class _Unopened:
+    """The handle of a room that could not be opened: Failed with that error."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def poll(self) -> KVPoll:
+        return KVPoll.Failed
+
+    def failure_exception(self) -> BaseException:
+        raise self.error
+
+    def abort(self, reason: str = "") -> None:
+        return None
+
+    def clear(self) -> None:
+        return None

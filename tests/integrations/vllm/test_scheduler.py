@@ -1,0 +1,188 @@
+"""vLLM's real v1 Scheduler with kvroom's connector on both sides, in one process.
+
+Each engine is vLLM's ``Scheduler`` driven through ``add_request`` / ``schedule`` /
+``update_from_output``, with the worker-side connector stepped the way vLLM's model runner
+steps it, over vLLM-shaped CPU caches and real NIXL.  After every scenario neither scheduler
+nor either connector holds anything for the request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch
+from vllm.v1.request import RequestStatus
+
+from kvroom.integrations.vllm import BOOTSTRAP_ADDR, ROOM
+from tests.integrations.vllm.harness import BLOCK, Engine, kv_caches, model_dir, request, vllm_config
+
+PROMPT = list(range(100, 140))  # 40 tokens: 3 blocks, the last one partial
+
+
+@pytest.fixture
+def engines(tmp_path: Path) -> Iterator[Callable[..., tuple[Engine, Engine]]]:
+    made: list[Engine] = []
+
+    def build(
+        policy: str = "fail", deadlines: tuple[float, ...] = (10.0, 10.0, 10.0)
+    ) -> tuple[Engine, Engine]:
+        model = model_dir(tmp_path / "model")
+        caches = kv_caches()
+        for name, cache in caches.items():  # prefill's KV: a distinct value per byte position
+            flat = cache.permute(0, 2, 1, 3)
+            flat.copy_(torch.arange(flat.numel(), dtype=torch.float32).view(flat.shape) + hash(name) % 97)
+        prefill = Engine(vllm_config(model, "kv_producer", policy, deadlines=list(deadlines)), caches)
+        made.append(prefill)
+        decode = Engine(vllm_config(model, "kv_consumer", policy, deadlines=list(deadlines)))
+        made.append(decode)
+        return prefill, decode
+
+    yield build
+    for engine in made:
+        engine.close()
+
+
+def run(engines: list[Engine], until: Callable[[], bool], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < end, "scenario did not settle"
+        for engine in engines:
+            engine.step()
+        time.sleep(0.002)
+
+
+def jobs(engine: Engine) -> list[Any]:
+    """Record every job the engine's scheduler-side connector ships to its worker."""
+    seen: list[Any] = []
+    sched = engine.connector.scheduler
+    assert sched is not None
+    build = sched.build_meta
+
+    def recording() -> Any:
+        meta = build()
+        seen.extend([*meta.sends, *meta.recvs])
+        return meta
+
+    sched.build_meta = recording  # type: ignore[method-assign]
+    return seen
+
+
+def quiet(*engines: Engine) -> bool:
+    return all(not e.scheduler.has_requests() for e in engines)
+
+
+def assert_clean(prefill: Engine, decode: Engine, ids: dict[str, str], room: int) -> None:
+    assert prefill.held(ids["prefill"], room) == []
+    assert decode.held(ids["decode"], room) == []
+    for engine in (prefill, decode):
+        free = engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        assert free == 63  # every block but vLLM's null block
+
+
+def test_remote_prefill_completes_with_prefills_bytes(engines: Callable[..., tuple[Engine, Engine]]) -> None:
+    prefill, decode = engines()
+    sent, received = jobs(prefill), jobs(decode)
+    prefill.scheduler.add_request(request("p-1", PROMPT, {"do_remote_decode": True, ROOM: 11}))
+    run([prefill], lambda: "p-1" in prefill.outputs)
+    params = prefill.outputs["p-1"].kv_transfer_params
+    assert params[ROOM] == 11 and params[BOOTSTRAP_ADDR] == [prefill.worker.worker.manager.bootstrap_addr]
+    decode.scheduler.add_request(request("d-1", PROMPT, params, max_tokens=3))
+    run([prefill, decode], lambda: "d-1" in decode.outputs and quiet(prefill, decode))
+    out = decode.outputs["d-1"]
+    assert decode.computed["d-1"] < len(PROMPT)  # only the last prompt token and the decode steps
+    assert out.finish_reason.name == "LENGTH" and len(decode.outputs["d-1"].new_token_ids) >= 1
+    (send,), (recv,) = sent, received
+    assert len(send.pages) == len(recv.pages) == 3 and recv.prefix_len == 0
+    p_pool, d_pool = prefill.worker.worker.manager.pool, decode.worker.worker.manager.pool
+    for layer in range(p_pool.layout.layers):
+        assert torch.equal(p_pool.layers[layer][list(send.pages)], d_pool.layers[layer][list(recv.pages)])
+    # the connector's stats go through vLLM's own connector stats logging
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorLogging
+
+    logging = KVConnectorLogging(decode.scheduler.vllm_config.kv_transfer_config)
+    for data in decode.stats:
+        logging.observe(data)
+    assert logging.transfer_stats_accumulator is not None
+    reduced = logging.transfer_stats_accumulator.reduce()
+    assert reduced["rooms_Success"] == 1 and reduced["latency_max_ms"] > 0
+    assert reduced["bytes"] == 3 * d_pool.page_bytes * d_pool.layout.layers
+    assert_clean(prefill, decode, {"prefill": "p-1", "decode": "d-1"}, 11)
+
+
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_failed_receive_follows_the_load_failure_policy(
+    engines: Callable[..., tuple[Engine, Engine]], policy: str
+) -> None:
+    prefill, decode = engines(policy)
+    addr = prefill.worker.worker.manager.bootstrap_addr
+    # the router dispatched to both at once; prefill's request is then aborted before it runs
+    prefill.scheduler.add_request(request("p-2", PROMPT, {"do_remote_decode": True, ROOM: 12}))
+    decode.scheduler.add_request(
+        request("d-2", PROMPT, {"do_remote_prefill": True, ROOM: 12, BOOTSTRAP_ADDR: addr}, max_tokens=2)
+    )
+    decode.step()  # decode's room is open: its page list goes to prefill
+    prefill.scheduler.finish_requests("p-2", RequestStatus.FINISHED_ABORTED)
+    run([prefill, decode], lambda: "d-2" in decode.outputs and quiet(prefill, decode))
+    out = decode.outputs["d-2"]
+    failures = {k: v for s in decode.stats for k, v in s["failures"].items()}
+    assert failures == {"RemoteFailureError": 1}, failures
+    if policy == "fail":
+        assert out.finish_reason.name == "ERROR"
+        assert "d-2" not in decode.computed  # never scheduled: it failed while waiting for KV
+    else:  # rescheduled and prefilled locally, the whole prompt: it generated its tokens
+        assert out.finish_reason.name == "LENGTH"
+        assert decode.computed["d-2"] >= len(PROMPT)
+        assert decode.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == 63
+    assert_clean(prefill, decode, {"prefill": "p-2", "decode": "d-2"}, 12)
+
+
+def test_decode_abort_keeps_blocks_until_no_write_can_land(
+    engines: Callable[..., tuple[Engine, Engine]],
+) -> None:
+    prefill, decode = engines(deadlines=(3.0, 3.0, 3.0))
+    addr = prefill.worker.worker.manager.bootstrap_addr
+    decode.scheduler.add_request(
+        request("d-3", PROMPT, {"do_remote_prefill": True, ROOM: 13, BOOTSTRAP_ADDR: addr})
+    )
+    decode.step()
+    pool = decode.scheduler.kv_cache_manager.block_pool
+    free = pool.get_num_free_blocks()
+    assert free == 63 - 3
+    decode.scheduler.finish_requests("d-3", RequestStatus.FINISHED_ABORTED)
+    assert pool.get_num_free_blocks() == free  # still registered with prefill: held
+    run([prefill, decode], lambda: quiet(decode))
+    assert pool.get_num_free_blocks() == 63
+    failures = {k: v for s in decode.stats for k, v in s["failures"].items()}
+    assert failures == {"RoomAbortedError": 1}, failures
+    # prefill's request arrives late: its room fails by deadline and its blocks come back
+    prefill.scheduler.add_request(request("p-3", PROMPT, {"do_remote_decode": True, ROOM: 13}))
+    run([prefill], lambda: quiet(prefill), timeout=30)
+    assert_clean(prefill, decode, {"prefill": "p-3", "decode": "d-3"}, 13)
+
+
+def test_partial_prefix_hit_receives_only_the_blocks_after_it(
+    engines: Callable[..., tuple[Engine, Engine]],
+) -> None:
+    prefill, decode = engines()
+    sent, received = jobs(prefill), jobs(decode)
+    # decode computed the first two blocks' prompt before: a local prefix hit of 32 tokens
+    decode.scheduler.add_request(request("warm", [*PROMPT[: 2 * BLOCK], 1, 2, 3], None))
+    run([decode], lambda: "warm" in decode.outputs and quiet(decode))
+    prefill.scheduler.add_request(request("p-4", PROMPT, {"do_remote_decode": True, ROOM: 14}))
+    run([prefill], lambda: "p-4" in prefill.outputs)
+    decode.scheduler.add_request(request("d-4", PROMPT, prefill.outputs["p-4"].kv_transfer_params))
+    run([prefill, decode], lambda: "d-4" in decode.outputs and quiet(prefill, decode))
+    assert decode.outputs["d-4"].finish_reason.name == "LENGTH"
+    (send,), (recv,) = sent, received
+    assert recv.prefix_len == 2 * BLOCK and len(recv.pages) == 1 and len(send.pages) == 3
+    p_pool, d_pool = prefill.worker.worker.manager.pool, decode.worker.worker.manager.pool
+    for layer in range(p_pool.layout.layers):  # the block after the hit holds prefill's third block
+        assert torch.equal(p_pool.layers[layer][send.pages[2]], d_pool.layers[layer][recv.pages[0]])
+    assert_clean(prefill, decode, {"prefill": "p-4", "decode": "d-4"}, 14)
