@@ -170,7 +170,7 @@ class RoomWorker:
         ended[state.name] = ended.get(state.name, 0) + 1
         if state is KVPoll.Success:
             room.handle.clear()
-            pool = self.manager.pool if self.manager is not None else None
+            pool = self.manager.tensors if self.manager is not None else None  # the KVPool it built
             if pool is not None:
                 self.stats["bytes"] += len(room.pages) * pool.page_bytes * pool.layout.layers
             self.stats["latency_s"].append(time.monotonic() - room.opened)
