@@ -300,6 +300,9 @@ class Model(RuleBasedStateMachine):
         if not busy:
             return
         src, dst = data.draw(st.sampled_from(sorted(busy)))
+        self.receive_next(src, dst)
+
+    def receive_next(self, src: str, dst: str) -> None:
         msg, room_id, _reason = self.links[(src, dst)].popleft()
         if dst == P:
             self.prefill_receives(src, msg, room_id)
@@ -312,10 +315,11 @@ class Model(RuleBasedStateMachine):
         pending = [w for w in self.writes if not w.landed and self.ranks[w.dst].alive and self.running(P)]
         if not pending:
             return
-        w = data.draw(st.sampled_from(pending))
+        self.land_write(data.draw(st.sampled_from(pending)))
+
+    def land_write(self, w: Write) -> None:
         w.landed = True
-        dec = self.ranks[w.dst]
-        room = dec.table.get(w.room)
+        room = self.ranks[w.dst].table.get(w.room)
         if room is None or room.state is KVPoll.Failed:
             self.landed_in_failed.append((w.dst, w.room))
         self.notifs[w.dst].append(w)
@@ -326,13 +330,7 @@ class Model(RuleBasedStateMachine):
         landed = [w for w in self.writes if w.landed]
         if not landed or not self.running(P):
             return
-        w = data.draw(st.sampled_from(landed))
-        self.writes.remove(w)
-        room = self.live_room(P, w.room)
-        if room is not None:
-            before = room.state
-            self.ranks[P].table.fire(room, Event.COMPLETE, self.tick(), chunks=1, aux=w.ends_room)
-            self.after_transition(P, room, before)
+        self.complete(data.draw(st.sampled_from(landed)))
         self.flush_failed()
 
     @rule(data=st.data())
@@ -341,21 +339,7 @@ class Model(RuleBasedStateMachine):
         if not ready:
             return
         name = data.draw(st.sampled_from(ready))
-        w = self.notifs[name].pop(data.draw(st.integers(0, len(self.notifs[name]) - 1)))
-        if P in self.ranks[name].forgotten:
-            return
-        room = self.live_room(name, w.room)
-        if room is None:
-            return
-        verdict = self.verdict(name, w.room)
-        self.arrived[(name, w.room)] += 1
-        self.ended.update({(name, w.room)} if w.last else ())
-        if (name, w.room) in self.ended and self.arrived[(name, w.room)] == self.chunks:
-            verdict.finished.add(P)  # notifications overtake each other: done only when all arrived
-        table = self.ranks[name].table
-        table.fire(room, Event.CHUNK_ARRIVED, self.tick(), chunks=1, aux=P in verdict.finished)
-        if P in verdict.finished and room.chunks_done >= room.chunks_needed - 1:
-            self.decode_input(name, room, Input.ALL_DATA_IN)
+        self.notify_one(name, data.draw(st.integers(0, len(self.notifs[name]) - 1)))
 
     @rule()
     def everything_moves_one_step(self) -> None:
@@ -363,17 +347,9 @@ class Model(RuleBasedStateMachine):
         completion arrives: reaches deep states (votes, commits) in few steps."""
         for (src, dst), q in list(self.links.items()):
             if q and self.running(dst):
-                msg, room_id, _ = q.popleft()
-                if dst == P:
-                    self.prefill_receives(src, msg, room_id)
-                else:
-                    self.decode_receives(dst, msg, room_id)
+                self.receive_next(src, dst)
         for w in [w for w in self.writes if not w.landed and self.ranks[w.dst].alive and self.running(P)]:
-            w.landed = True
-            room = self.ranks[w.dst].table.get(w.room)
-            if room is None or room.state is KVPoll.Failed:
-                self.landed_in_failed.append((w.dst, w.room))
-            self.notifs[w.dst].append(w)
+            self.land_write(w)
         for d in self.decodes:
             while self.notifs[d] and self.running(d):
                 self.notify_one(d)
@@ -472,19 +448,11 @@ class Model(RuleBasedStateMachine):
                     progressed = True
             for (src, dst), q in self.links.items():
                 while q and self.ranks[dst].alive:
-                    msg, room_id, _ = q.popleft()
-                    if dst == P:
-                        self.prefill_receives(src, msg, room_id)
-                    else:
-                        self.decode_receives(dst, msg, room_id)
+                    self.receive_next(src, dst)
                     progressed = True
             for w in list(self.writes):
                 if not w.landed and self.ranks[w.dst].alive and self.running(P):
-                    w.landed = True
-                    room = self.ranks[w.dst].table.get(w.room)
-                    if room is None or room.state is KVPoll.Failed:
-                        self.landed_in_failed.append((w.dst, w.room))
-                    self.notifs[w.dst].append(w)
+                    self.land_write(w)
                     progressed = True
             for d in self.decodes:
                 while self.notifs[d] and self.ranks[d].alive:
@@ -492,12 +460,7 @@ class Model(RuleBasedStateMachine):
                     progressed = True
             if self.ranks[P].alive:
                 for w in [w for w in self.writes if w.landed]:
-                    self.writes.remove(w)
-                    room = self.live_room(P, w.room)
-                    if room is not None:
-                        before = room.state
-                        self.ranks[P].table.fire(room, Event.COMPLETE, self.tick(), chunks=1, aux=w.ends_room)
-                        self.after_transition(P, room, before)
+                    self.complete(w)
                     progressed = True
                 self.flush_failed()
             for d in self.decodes:  # heartbeats go on: a forgotten decode learns it
@@ -533,8 +496,9 @@ class Model(RuleBasedStateMachine):
                 return
         raise AssertionError("the protocol did not settle")
 
-    def notify_one(self, name: str) -> None:
-        w = self.notifs[name].pop(0)
+    def notify_one(self, name: str, index: int = 0) -> None:
+        """Decode rank ``name`` sees the ``index``-th pending notification (any order)."""
+        w = self.notifs[name].pop(index)
         if P in self.ranks[name].forgotten:
             return
         room = self.live_room(name, w.room)
@@ -584,6 +548,6 @@ class Model(RuleBasedStateMachine):
 
 
 Model.TestCase.settings = settings(
-    max_examples=400, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=1000, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)
 )
 TestProtocolModel = Model.TestCase

@@ -92,22 +92,33 @@ def test_decode_stopped_past_prefills_deadline_fails_every_room_on_both_sides(
     serves_new_rooms(prefill, decode, addr, 99_000)
 
 
-def test_decode_stopped_past_the_heartbeat_timeout_blames_itself_not_prefill(
-    pair: tuple[Rank, Rank],
-) -> None:
-    prefill, decode = pair
+def stop_past_the_heartbeat(prefill: Rank, decode: Rank, stalled: Rank) -> tuple[str, list[int]]:
+    """Rooms mid-transfer, then ``stalled`` stopped until its peer gave up on it (heartbeat 1 s).
+
+    Returns the bootstrap address and the rooms, Failed on the peer by then and on both
+    sides once ``stalled`` resumed; the peer failed them as PeerLostError.
+    """
     beat = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
     addr = prefill.call("start", "prefill", 0, 1, deadlines=(10.0, 20.0, 20.0), **beat)
     decode.call("start", "decode", 0, 1, deadlines=(10.0, 20.0, 20.0), **beat)
     rooms = [1, 2, 3]
     open_rooms(prefill, decode, addr, rooms)
-    decode.pause()
-    try:  # prefill gives up on the silent decode after its heartbeat timeout
-        assert finish(prefill, rooms, 20) == dict.fromkeys(rooms, "Failed")
+    peer = decode if stalled is prefill else prefill
+    stalled.pause()
+    try:  # the running side gives up on the silent one after its heartbeat timeout
+        assert finish(peer, rooms, 20) == dict.fromkeys(rooms, "Failed")
     finally:
-        decode.resume()
-    assert all(prefill.call("failure", r).startswith("PeerLostError") for r in rooms)
-    assert finish(decode, rooms, 20) == dict.fromkeys(rooms, "Failed")
+        stalled.resume()
+    assert all(peer.call("failure", r).startswith("PeerLostError") for r in rooms)
+    assert finish(stalled, rooms, 20) == dict.fromkeys(rooms, "Failed")
+    return addr, rooms
+
+
+def test_decode_stopped_past_the_heartbeat_timeout_blames_itself_not_prefill(
+    pair: tuple[Rank, Rank],
+) -> None:
+    prefill, decode = pair
+    addr, rooms = stop_past_the_heartbeat(prefill, decode, stalled=decode)
     for room in rooms:
         reason = decode.call("failure", room)
         # decode learned it was forgotten; it did not call prefill silent for its own pause
@@ -120,18 +131,7 @@ def test_prefill_stopped_past_the_heartbeat_timeout_forgets_its_peers_and_serves
     pair: tuple[Rank, Rank],
 ) -> None:
     prefill, decode = pair
-    beat = {"heartbeat_interval": 0.1, "heartbeat_timeout": 1.0}
-    addr = prefill.call("start", "prefill", 0, 1, deadlines=(10.0, 20.0, 20.0), **beat)
-    decode.call("start", "decode", 0, 1, deadlines=(10.0, 20.0, 20.0), **beat)
-    rooms = [1, 2, 3]
-    open_rooms(prefill, decode, addr, rooms)
-    prefill.pause()
-    try:  # decode declares the silent prefill lost
-        assert finish(decode, rooms, 20) == dict.fromkeys(rooms, "Failed")
-    finally:
-        prefill.resume()
-    assert all(decode.call("failure", r).startswith("PeerLostError") for r in rooms)
-    assert finish(prefill, rooms, 20) == dict.fromkeys(rooms, "Failed")
+    addr, rooms = stop_past_the_heartbeat(prefill, decode, stalled=prefill)
     for room in rooms:
         reason = prefill.call("failure", room)
         assert "stalled" in reason, reason  # it knew the pause was its own
