@@ -331,9 +331,14 @@ class Demo:
         if self.model is not None:
             m = self.model
             kib = sum(b.rows * m.rank().row_bytes(b) for b in m.rank().buffers() if b.space == "kv") >> 10
+            rows = (
+                "aux and state rows"
+                if any(b.space != "kv" for b in m.rank().buffers() if b.role != "aux")
+                else "aux rows"
+            )
             say(
                 f"  model {m.name}: {m.description}; {m.model.layers} layers, "
-                f"{m.model.page_size}-token pages of {kib} KiB over its KV buffers, with aux and state rows; "
+                f"{m.model.page_size}-token pages of {kib} KiB over its KV buffers, with {rows}; "
                 f"concurrency {self.args.concurrency}"
             )
         say(f"  {'outcome':<12}{'prefill':>10}{'decode':>10}")
