@@ -4,8 +4,8 @@ Each node runs a loop like an engine's scheduler: it takes rooms from its
 parent over a pipe, allocates pages, creates ``KVSender``/``KVReceiver`` objects
 and reports every terminal room (outcome, error, verification, footprint).
 The loop is event-driven: an observer on the manager writes to a pipe when a
-room changes state, and the loop sleeps on that pipe and its parent's pipe.
-The pool is a model
+room changes state, and the loop sleeps on that pipe and its parent's pipe
+(or, with ``chunk_interval`` > 0, steps on a fixed tick).  The pool is a model
 preset's buffers or opaque pages (:mod:`kvroom.demo.buffers`); their contents
 come from patterns made once per process, stamped per room.  The demo,
 the end-to-end tests and the soak all use these nodes.
@@ -73,6 +73,10 @@ class NodeOptions:
     # (None: the preset's); None: ``layers`` opaque uint8 tensors of ``page_bytes`` pages
     model: str | None = None
     model_layers: int | None = None
+    # 0: event-driven loops, a room's chunks all sent at once (the demo); > 0: a scheduler
+    # step, then a sleep this long: each step polls every room and sends one chunk a room,
+    # so faults land mid-transfer (chaos).  Both stamp and check pages the same cheap way.
+    chunk_interval: float = 0.001
     metrics_interval: float | None = None  # send metric snapshots this often (None: no metrics)
     seed: int = 0  # of the page pattern (the same on every node)
 
@@ -299,6 +303,9 @@ class _Loop:
         return max(0.0, self._next_metrics - now)
 
     def run(self) -> None:
+        if self.opts.chunk_interval > 0:
+            self.run_ticks()
+            return
         while not (self.stopping and not self.live and not self.queue):
             wait([self.conn, self.wake.fd], self._timeout())
             while self.conn.poll(0):
@@ -309,6 +316,19 @@ class _Loop:
             self.admit()  # after finishing rooms: their pages and slots are free again
             self.idle()
             self.report_metrics()
+
+    def run_ticks(self) -> None:
+        """A scheduler step every ``chunk_interval``: poll every live room, one chunk each."""
+        while not (self.stopping and not self.live and not self.queue):
+            while self.conn.poll(0):
+                self.on_message(*self.conn.recv())
+            self.wake.take()
+            self.admit()
+            for room_id in list(self.live):
+                self.guarded(room_id, self.advance)
+            self.idle()
+            self.report_metrics()
+            time.sleep(self.opts.chunk_interval)
 
     def report_metrics(self) -> None:
         now = time.monotonic()
@@ -387,7 +407,8 @@ class _Loop:
             if spec.room in self.abort_requested:
                 self.abort_requested.discard(spec.room)
                 handle.abort()
-            self.guarded(spec.room, self.advance)  # no event may come before its first step
+            if self.opts.chunk_interval <= 0:  # event-driven: no tick will look at it
+                self.guarded(spec.room, self.advance)
 
     def create(self, spec: RoomSpec, pages: torch.Tensor, slot: int) -> Any:
         raise NotImplementedError
@@ -442,7 +463,10 @@ class PrefillLoop(_Loop):
         if not entry["ready"]:
             entry["handle"].init(spec.pages, aux_index=entry["slot"])
             entry["ready"] = True
-        while entry["sent"] < spec.pages:  # every chunk now
+        if self.opts.chunk_interval <= 0:  # event-driven: every chunk now
+            while entry["sent"] < spec.pages:
+                self.send_chunk(entry)
+        elif entry["sent"] < spec.pages:  # ticks: one chunk per tick
             self.send_chunk(entry)
 
     def send_chunk(self, entry: dict[str, Any]) -> None:
@@ -476,7 +500,8 @@ class DecodeLoop(_Loop):
 
         receiver = KVReceiver(self.m, self.opts.bootstrap_addr, spec.room)
         receiver.init()
-        self.send_metadata(receiver, spec, pages, slot)
+        if self.opts.chunk_interval <= 0:
+            self.send_metadata(receiver, spec, pages, slot)
         return receiver
 
     def send_metadata(self, receiver: Any, spec: RoomSpec, pages: torch.Tensor, slot: int) -> None:
@@ -492,6 +517,11 @@ class DecodeLoop(_Loop):
 
         entry = self.live[room_id]
         spec, pages = entry["spec"], entry["pages"]
+        if not entry["ready"]:
+            entry["ready"] = True
+            if self.opts.chunk_interval > 0:  # stepping: the page list goes out on the first step
+                self.send_metadata(entry["handle"], spec, pages, entry["slot"])
+                return
         state = entry["handle"].poll()
         if state is KVPoll.Success:
             self.finish(

@@ -62,6 +62,8 @@ def _options(args: argparse.Namespace, audit_log: str) -> NodeOptions:
         deadlines=(4.0, 60.0, 2.0) if chaos else (30.0, 120.0, 30.0),
         heartbeat=(0.25, 3.0),
         stderr_path=audit_log + ".stderr",
+        # chaos steps on a scheduler tick so faults land mid-transfer; otherwise event-driven
+        chunk_interval=NodeOptions.chunk_interval if chaos else 0.0,
         metrics_interval=0.5 if getattr(args, "metrics_port", None) is not None else None,
         seed=args.seed,
     )
