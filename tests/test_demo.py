@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvroom.presets import get_preset, preset_names
 from kvroom.replay import main as audit_main
 
 pytestmark = pytest.mark.slow
@@ -48,6 +49,19 @@ def test_demo_moves_and_verifies_every_room(tmp_path: Path) -> None:
     assert re.search(r"Success\s+120\s+120\n", out), out
     assert "leak check: every terminal room's footprint is empty on all 3 processes: OK" in out
     assert "p50" in out and "MiB/s" in out and "kvroom demo: OK" in out
+    assert audit_main(str(log)) == 0
+
+
+@pytest.mark.parametrize("model", ["gpt-oss-20b", "deepseek-v3"])
+def test_demo_moves_a_model_preset_with_its_state_rows(tmp_path: Path, model: str) -> None:
+    log = tmp_path / "audit.jsonl"
+    args = ("--model", model, "--requests", "12", "--concurrency", "4", "--max-pages", "6", "--decodes", "1")
+    result = kvroom("demo", *args, "--no-raw", "--json", "--audit-log", str(log))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Success\s+12\s+12\n", result.stderr), result.stderr
+    assert "bytes moved (verified)" in result.stderr and "kvroom demo: OK" in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["model"] == model and summary["verified"] == 12  # pages, aux and state rows checked
     assert audit_main(str(log)) == 0
 
 
@@ -114,7 +128,9 @@ def test_json_summary_and_scraped_metrics_agree_with_the_run(tmp_path: Path) -> 
     cmd = [sys.executable, "-m", "kvroom.cli", "demo", "--json", "--requests", str(rooms), "--max-pages", "8"]
     cmd += [
         "--model",
-        "tiny",
+        "deepseek-v3",
+        "--layers",
+        "2",
         "--metrics-port",
         str(port),
         "--metrics-linger",
@@ -135,7 +151,7 @@ def test_json_summary_and_scraped_metrics_agree_with_the_run(tmp_path: Path) -> 
         proc.wait(30)
     for key in ("gbps", "raw_nixl_gbps", "ratio_vs_raw_nixl", "latency_ms_p50", "latency_ms_p99"):
         assert isinstance(summary[key], float) and summary[key] > 0, (key, summary)
-    assert summary["tokens_per_s"] > 0 and summary["model"] == "tiny" and summary["ok"] is True
+    assert summary["tokens_per_s"] > 0 and summary["model"] == "deepseek-v3" and summary["ok"] is True
     assert (summary["rooms"], summary["success"], summary["failed"], summary["verified"]) == (
         rooms,
         rooms,
@@ -150,7 +166,8 @@ def test_json_summary_and_scraped_metrics_agree_with_the_run(tmp_path: Path) -> 
         assert ended == rooms
         assert total(families, "kvroom_room_failures_total", role=role) == 0
         assert total(families, "kvroom_rooms", role=role) == 0  # every room ended and was cleared
-    aux = 64 * rooms  # every room also moves its 64-byte aux slot
+    rank = get_preset("deepseek-v3", 2).rank()
+    aux = rooms * sum(b.rows * rank.row_bytes(b) for b in rank.buffers() if b.role == "aux")  # a row a room
     assert total(families, "kvroom_bytes_written_total") == summary["bytes"] + aux
     assert total(families, "kvroom_bytes_received_total") == summary["bytes"] + aux
     assert total(families, "kvroom_peers", role="sender") == 2  # both decodes, on the prefill
@@ -173,6 +190,5 @@ def test_one_room_in_flight_reports_latency_against_raw(tmp_path: Path) -> None:
 def test_help_lists_the_model_presets() -> None:
     result = kvroom("demo", "--help")
     assert result.returncode == 0
-    from kvroom.demo.models import MODELS
-
-    assert len(MODELS) >= 3 and all(name in result.stdout for name in MODELS)
+    assert len(preset_names()) >= 3 and all(name in result.stdout for name in preset_names())
+    assert "default llama3-8b" in result.stdout

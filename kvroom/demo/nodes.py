@@ -5,8 +5,9 @@ parent over a pipe, allocates pages, creates ``KVSender``/``KVReceiver`` objects
 and reports every terminal room (outcome, error, verification, footprint).
 The loop is event-driven: an observer on the manager writes to a pipe when a
 room changes state, and the loop sleeps on that pipe and its parent's pipe
-(or, with ``chunk_interval`` > 0, steps on a fixed tick).  Page contents come from a
-:class:`~kvroom.demo.workload.PagePattern` made once per process.  The demo,
+(or, with ``chunk_interval`` > 0, steps on a fixed tick).  The pool is a model
+preset's buffers or opaque pages (:mod:`kvroom.demo.buffers`); their contents
+come from patterns made once per process, stamped per room.  The demo,
 the end-to-end tests and the soak all use these nodes.
 
 Parent -> node messages: ``("rooms", [RoomSpec...])``, ``("abort", room)``,
@@ -29,18 +30,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import numpy as np
 import torch
 
-from kvroom.demo.workload import (
-    PageAllocator,
-    PagePattern,
-    RoomSpec,
-    aux_matches,
-    expected_pages,
-    fill_aux,
-    fill_pages,
-)
+from kvroom.demo.buffers import DemoBuffers, make_buffers
+from kvroom.demo.workload import PageAllocator, RoomSpec
 
 __all__ = ["NodeOptions", "RoomResult", "prefill_main", "decode_main", "die_with_parent"]
 
@@ -76,13 +69,13 @@ class NodeOptions:
     name: str = "node"
     env: dict[str, str] = field(default_factory=dict)
     stderr_path: str | None = None  # where the node's stderr (NIXL's own logs) goes
-    # model-shaped pages: (page_size, kv_heads, head_dim) of ``dtype``; None: opaque uint8 pages
-    page_shape: tuple[int, int, int] | None = None
-    dtype: str = "uint8"
-    # 0: event-driven loops, pages stamped from a pattern made once, a room's chunks all sent
-    # at once (the demo); > 0: a scheduler step, then a sleep this long: each step polls every
-    # room, computes a new room's pages (fill_pages, a few ms) and sends one chunk a room
-    # (the stepping loop the fault tests' timing was tuned with)
+    # a preset of kvroom.presets (its buffers, aux and state rows) with ``model_layers`` layers
+    # (None: the preset's); None: ``layers`` opaque uint8 tensors of ``page_bytes`` pages
+    model: str | None = None
+    model_layers: int | None = None
+    # 0: event-driven loops, a room's chunks all sent at once (the demo); > 0: a scheduler
+    # step, then a sleep this long: each step polls every room and sends one chunk a room,
+    # so faults land mid-transfer (chaos).  Both stamp and check pages the same cheap way.
     chunk_interval: float = 0.001
     metrics_interval: float | None = None  # send metric snapshots this often (None: no metrics)
     seed: int = 0  # of the page pattern (the same on every node)
@@ -107,6 +100,7 @@ class RoomResult:
     started: float
     finished: float
     bytes: int
+    pages: int = 0  # pages moved (the request's, less decode's cached prefix)
 
 
 class _Wake:
@@ -163,20 +157,15 @@ class _Wake:
         os.close(self._w)
 
 
-def _make_manager(role: str, opts: NodeOptions, wake: _Wake, metrics: Any) -> tuple[Any, np.ndarray]:
-    """The manager and its pool as one ``[tensors, pages, page_bytes]`` uint8 array."""
-    from kvroom import KVManager, KVPool, ManagerConfig
+def _make_manager(role: str, opts: NodeOptions, wake: _Wake, metrics: Any) -> tuple[Any, DemoBuffers]:
+    """The manager and the buffers behind its pool."""
+    from kvroom import KVManager, ManagerConfig
     from kvroom.fsm import Deadlines
 
-    if opts.page_shape is not None:
-        page_size, kv_heads, _ = opts.page_shape
-        big = torch.zeros(opts.layers, opts.pool_pages, *opts.page_shape, dtype=getattr(torch, opts.dtype))
-        layers = list(big.unbind(0))
-        pool = KVPool(layers, torch.zeros(opts.aux_slots, opts.aux_bytes, dtype=torch.uint8),
-                      page_size=page_size, kv_heads=kv_heads)  # fmt: skip
-    else:
-        big = torch.zeros(opts.layers, opts.pool_pages, opts.page_bytes, dtype=torch.uint8)
-        pool = KVPool(list(big.unbind(0)), torch.zeros(opts.aux_slots, opts.aux_bytes, dtype=torch.uint8))
+    layers = (opts.model_layers or 0) if opts.model else opts.layers
+    buffers = make_buffers(
+        opts.model, layers, opts.pool_pages, opts.aux_slots, opts.page_bytes, opts.aux_bytes, opts.seed
+    )
     config = ManagerConfig(
         deadlines=Deadlines(*opts.deadlines),
         heartbeat_interval=opts.heartbeat[0],
@@ -187,12 +176,10 @@ def _make_manager(role: str, opts: NodeOptions, wake: _Wake, metrics: Any) -> tu
 
     quiet = structlog.wrap_logger(structlog.PrintLogger(open(os.devnull, "w")))  # noqa: SIM115
     manager = KVManager(
-        role, pool, bootstrap_port=opts.port, config=config, observer=wake, audit=False, logger=quiet,
+        role, buffers.pool, bootstrap_port=opts.port, config=config, observer=wake, audit=False, logger=quiet,
         metrics=metrics,
     )  # fmt: skip
-    pages = big.view(torch.uint8).reshape(opts.layers, opts.pool_pages, -1).numpy()
-    pages.fill(0)  # touch every page now, as an engine's preallocated KV cache is, not mid-transfer
-    return manager, pages
+    return manager, buffers
 
 
 def _result(
@@ -246,7 +233,7 @@ def _node(role: str, conn: Connection, opts: NodeOptions) -> None:
 
         metrics = KVMetrics()
     try:
-        manager, pool = _make_manager(role, opts, wake, metrics)
+        manager, buffers = _make_manager(role, opts, wake, metrics)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         wake.close()
@@ -256,7 +243,7 @@ def _node(role: str, conn: Connection, opts: NodeOptions) -> None:
             ("ready", {"addr": manager.bootstrap_addr, "pid": os.getpid(), "agent": manager.agent_name})
         )
         cls = PrefillLoop if role == "prefill" else DecodeLoop
-        loop = cls(manager, conn, opts, wake, pool, metrics)
+        loop = cls(manager, conn, opts, wake, buffers, metrics)
         loop.run()
         if audit is not None:
             audit.flush()  # every record on disk before the parent may read the log
@@ -285,15 +272,20 @@ class _Loop:
     role = ""
 
     def __init__(
-        self, manager: Any, conn: Connection, opts: NodeOptions, wake: _Wake, pool: np.ndarray, metrics: Any
+        self,
+        manager: Any,
+        conn: Connection,
+        opts: NodeOptions,
+        wake: _Wake,
+        buffers: DemoBuffers,
+        metrics: Any,
     ) -> None:
         self.m = manager
         self.conn = conn
         self.opts = opts
         self.wake = wake
-        self.pool = pool
+        self.buffers = buffers
         self.metrics = metrics
-        self.pattern = PagePattern(opts.layers, pool.shape[2], seed=opts.seed)
         self.queue: deque[RoomSpec] = deque()
         self.live: dict[int, dict[str, Any]] = {}
         self.pages = PageAllocator(opts.pool_pages)
@@ -370,15 +362,20 @@ class _Loop:
             self.on_raw(kind, arg)
 
     def on_raw(self, kind: str, arg: Any) -> None:
-        from kvroom.demo.raw import RawAgent
-
         if kind == "raw_open":
-            self.raw = RawAgent(self.role, self.m.pool.layers, self.opts.pool_pages, self.pool.shape[2])
+            self.raw = self.raw_agent()
             self.conn.send(("raw", self.raw.info()))
         elif kind == "raw_close" and self.raw is not None:
             self.raw.close()
             self.raw = None
             self.conn.send(("raw", {"closed": True}))
+
+    def raw_agent(self) -> Any:
+        """A bare NIXL agent over the pool's largest KV page group."""
+        from kvroom.demo.raw import RawAgent
+
+        group = self.buffers.raw_group
+        return RawAgent(self.role, group.tensors, self.opts.pool_pages, group.block.shape[2])
 
     def idle(self) -> None:
         """Called once per loop turn (decode drives its raw agent here)."""
@@ -422,7 +419,7 @@ class _Loop:
     def finish(self, room_id: int, verified: bool | None) -> None:
         entry = self.live.pop(room_id)
         handle, spec = entry["handle"], entry["spec"]
-        nbytes = (spec.pages - spec.prefix_pages) * self.opts.page_bytes * self.opts.layers
+        nbytes = (spec.pages - spec.prefix_pages) * self.buffers.page_bytes
         state = handle.poll()  # the handle is spent once cleared
         try:
             handle.clear()
@@ -430,6 +427,7 @@ class _Loop:
             self.unexpected.append(f"room {room_id}: clear: {type(exc).__name__}: {exc}")
         finished = self.wake.ended.pop(room_id, None) or time.monotonic()
         result = _result(handle, state, self.role, self.opts, entry["started"], finished, verified, nbytes)
+        result.pages = spec.pages - spec.prefix_pages
         self.pages.release(entry["pages"])
         self.slots.append(entry["slot"])
         self.conn.send(("done", result))
@@ -442,18 +440,13 @@ class PrefillLoop(_Loop):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.stepping = self.opts.chunk_interval > 0
-        if not self.stepping:
-            self.pattern.prepare(self.pool)  # the pool's "KV", computed once
+        self.buffers.prepare()  # the pool's "KV", computed once
 
     def create(self, spec: RoomSpec, pages: torch.Tensor, slot: int) -> Any:
         from kvroom import KVSender
 
         sender = KVSender(self.m, self.m.bootstrap_addr, spec.room)
-        if not self.stepping:
-            request = np.arange(spec.prefix_pages, spec.pages)
-            self.pattern.stamp(self.pool, spec.room, request, pages[spec.prefix_pages :].numpy())
-            fill_aux(self.m.pool.aux, slot, spec.room)
+        self.buffers.stamp(spec.room, spec.pages, spec.prefix_pages, pages, slot)  # its forward pass
         return sender
 
     def advance(self, room_id: int) -> None:
@@ -468,9 +461,6 @@ class PrefillLoop(_Loop):
             return
         spec = entry["spec"]
         if not entry["ready"]:
-            if self.stepping:  # this request's forward pass
-                fill_pages(self.m.pool.layers, spec.room, range(spec.pages), entry["pages"])
-                fill_aux(self.m.pool.aux, entry["slot"], spec.room)
             entry["handle"].init(spec.pages, aux_index=entry["slot"])
             entry["ready"] = True
         if self.opts.chunk_interval <= 0:  # event-driven: every chunk now
@@ -480,16 +470,18 @@ class PrefillLoop(_Loop):
             self.send_chunk(entry)
 
     def send_chunk(self, entry: dict[str, Any]) -> None:
-        sent = entry["sent"]
-        chunk = entry["pages"][sent : sent + self.opts.chunk_pages]
-        entry["handle"].send(chunk)
+        sent, pages = entry["sent"], entry["pages"]
+        chunk = pages[sent : sent + self.opts.chunk_pages]
+        last = sent + chunk.numel() >= pages.numel()
+        state = self.buffers.state_indices(pages, entry["slot"]) if last else None
+        entry["handle"].send(chunk, state_indices=state)
         entry["sent"] = sent + chunk.numel()
 
     def on_raw(self, kind: str, arg: Any) -> None:
         if kind == "raw_run":
-            from kvroom.demo.raw import RawAgent, raw_writes
+            from kvroom.demo.raw import raw_writes
 
-            agent = RawAgent(self.role, self.m.pool.layers, self.opts.pool_pages, self.pool.shape[2])
+            agent = self.raw_agent()
             try:
                 self.conn.send(("raw", raw_writes(agent, **arg)))
             finally:
@@ -513,10 +505,12 @@ class DecodeLoop(_Loop):
         return receiver
 
     def send_metadata(self, receiver: Any, spec: RoomSpec, pages: torch.Tensor, slot: int) -> None:
-        self.m.pool.aux[slot].zero_()
         prefix = spec.prefix_pages
-        tokens = prefix * (self.opts.page_shape[0] if self.opts.page_shape else 1)
-        receiver.send_metadata(pages[prefix:], aux_index=slot, decode_prefix_len=tokens)
+        self.buffers.clear(spec.pages, prefix, pages, slot)
+        receiver.send_metadata(
+            pages[prefix:], aux_index=slot, decode_prefix_len=prefix * self.buffers.page_size,
+            state_indices=self.buffers.state_indices(pages, slot),
+        )  # fmt: skip
 
     def advance(self, room_id: int) -> None:
         from kvroom import KVPoll
@@ -530,13 +524,9 @@ class DecodeLoop(_Loop):
                 return
         state = entry["handle"].poll()
         if state is KVPoll.Success:
-            if self.opts.chunk_interval > 0:
-                request = range(spec.prefix_pages, spec.pages)
-                ok = expected_pages(self.m.pool.layers, spec.room, request, pages[spec.prefix_pages :])
-            else:
-                got = pages[spec.prefix_pages :].numpy()
-                ok = self.pattern.check(self.pool, spec.room, np.arange(spec.prefix_pages, spec.pages), got)
-            self.finish(room_id, ok and aux_matches(self.m.pool.aux, entry["slot"], spec.room))
+            self.finish(
+                room_id, self.buffers.check(spec.room, spec.pages, spec.prefix_pages, pages, entry["slot"])
+            )
         elif state is KVPoll.Failed:
             self.finish(room_id, None)
 

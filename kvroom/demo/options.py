@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_demo_arguments"]
+__all__ = ["DEFAULT_MODEL", "add_demo_arguments"]
+
+DEFAULT_MODEL = "llama3-8b"
 
 
 def _positive(text: str) -> int:
@@ -16,20 +18,16 @@ def _positive(text: str) -> int:
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``p``."""
-    from kvroom.demo.models import DEFAULT_MODEL, MODELS
+    from kvroom.presets import PRESETS
 
     p.add_argument("--requests", type=_positive, default=300, help="number of requests (default 300)")
     p.add_argument("--decodes", type=_positive, default=2, help="decode processes (default 2)")
     p.add_argument(
         "--model",
-        choices=sorted(MODELS),
+        choices=list(PRESETS),
         default=DEFAULT_MODEL,
-        help=f"KV shape of the pages (default {DEFAULT_MODEL}): "
-        + "; ".join(
-            f"{m.name}: {m.layers} layers, {m.kv_heads} KV heads x {m.head_dim} {m.dtype}, "
-            f"{m.page_size}-token pages" + (f" ({m.note})" if m.note else "")
-            for m in MODELS.values()
-        ),
+        help=f"model preset whose KV, aux and state buffers are moved (default {DEFAULT_MODEL}): "
+        + "; ".join(f"{p.name}: {p.description}, {p.model.layers} layers" for p in PRESETS.values()),
     )
     p.add_argument(
         "--layers", type=_positive, default=None, help="model layers to move (default: the preset's)"
@@ -38,7 +36,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--page-kib",
         type=_positive,
         default=None,
-        help="opaque pages of N KiB a layer, not --model",
+        help="opaque pages of N KiB in --layers tensors (default 4) instead of a --model preset",
     )
     p.add_argument("--min-pages", type=_positive, default=1, help="fewest pages per request")
     p.add_argument("--max-pages", type=_positive, default=64, help="most pages per request (default 64)")

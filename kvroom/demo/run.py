@@ -25,39 +25,35 @@ from collections import Counter
 from typing import Any, TextIO
 
 from kvroom.demo.cluster import Cluster, Node, NodeError
-from kvroom.demo.models import DEFAULT_MODEL, ModelShape, model_shape
 from kvroom.demo.nodes import NodeOptions, RoomResult
+from kvroom.demo.options import DEFAULT_MODEL
 from kvroom.demo.report import NodeMetrics, Progress, percentile
 from kvroom.demo.workload import RoomSpec, make_rooms
+from kvroom.presets import Preset, get_preset
 
 __all__ = ["run", "Demo"]
 
 RATIO_TARGET = 0.8  # demo throughput / raw NIXL between the same processes
 
 
-def _model(args: argparse.Namespace) -> ModelShape | None:
-    """The model shape, or None for opaque pages (``--page-kib``, or an older caller's namespace)."""
+def _model(args: argparse.Namespace) -> Preset | None:
+    """The model preset, or None for opaque pages (``--page-kib``, or a namespace without ``model``)."""
     if getattr(args, "page_kib", None) or not hasattr(args, "model"):
         return None
-    return model_shape(args.model or DEFAULT_MODEL, getattr(args, "layers", None))
+    return get_preset(args.model or DEFAULT_MODEL, getattr(args, "layers", None))
 
 
 def _options(args: argparse.Namespace, audit_log: str) -> NodeOptions:
     chaos = args.chaos
     model = _model(args)
     concurrency = args.concurrency
-    if model is not None:
-        layers, page_bytes = model.tensors, model.page_bytes
-        shape: tuple[int, int, int] | None = (model.page_size, model.kv_heads, model.head_dim)
-        dtype = model.dtype
-    else:
-        layers, page_bytes, shape, dtype = args.layers or 4, (args.page_kib or 16) << 10, None, "uint8"
     return NodeOptions(
-        layers=layers,
-        page_bytes=page_bytes,
-        page_shape=shape,
-        dtype=dtype,
+        layers=getattr(args, "layers", None) or 4,
+        page_bytes=(getattr(args, "page_kib", None) or 16) << 10,
+        model=model.name if model is not None else None,
+        model_layers=model.model.layers if model is not None else None,
         pool_pages=max(512, concurrency * args.max_pages + 64),
+        aux_slots=concurrency,  # a request row (aux, mamba state) for each room in flight
         chunk_pages=args.chunk_pages,
         concurrency=concurrency,
         audit_log=audit_log,
@@ -304,8 +300,8 @@ class Demo:
         good = [r for r in decode.values() if r.state == "Success"]
         moved = sum(r.bytes for r in good)
         latencies = [(r.finished - r.started) * 1000 for r in good]
-        page_size = self.model.page_size if self.model is not None else 1
-        pages = sum(r.bytes // (self.opts.page_bytes * self.opts.layers) for r in good)
+        page_size = self.model.model.page_size if self.model is not None else 1
+        pages = sum(r.pages for r in good)
         fig: dict[str, Any] = {
             "gbps": moved / elapsed / 1e9,
             "tokens_per_s": pages * page_size / elapsed if self.model is not None else None,
@@ -336,9 +332,15 @@ class Demo:
         say("\nkvroom demo summary")
         if self.model is not None:
             m = self.model
+            kib = sum(b.rows * m.rank().row_bytes(b) for b in m.rank().buffers() if b.space == "kv") >> 10
+            rows = (
+                "aux and state rows"
+                if any(b.space != "kv" for b in m.rank().buffers() if b.role != "aux")
+                else "aux rows"
+            )
             say(
-                f"  model {m.name}: {m.layers} layers x (K, V) [{m.page_size} tokens, {m.kv_heads} KV heads, "
-                f"{m.head_dim} dims] {m.dtype} = {m.page_bytes * m.tensors >> 10} KiB a page; "
+                f"  model {m.name}: {m.description}; {m.model.layers} layers, "
+                f"{m.model.page_size}-token pages of {kib} KiB over its KV buffers, with {rows}; "
                 f"concurrency {self.args.concurrency}"
             )
         say(f"  {'outcome':<12}{'prefill':>10}{'decode':>10}")

@@ -17,10 +17,6 @@ __all__ = [
     "RoomSpec",
     "make_rooms",
     "PagePattern",
-    "fill_pages",
-    "expected_pages",
-    "fill_aux",
-    "aux_matches",
     "PageAllocator",
 ]
 
@@ -121,52 +117,6 @@ class PagePattern:
             if not np.array_equal(words[:, slot, skip:], bank[:, row, skip:]):
                 return False
         return True
-
-
-def _pattern(room: int, pages: torch.Tensor, layer: int, width: int) -> torch.Tensor:
-    base = (room * 131 + layer * 7) % 251
-    col = torch.arange(width, dtype=torch.int64)
-    return ((pages.to(torch.int64)[:, None] * 17 + col[None, :] + base) % 251).to(torch.uint8)
-
-
-def fill_pages(layers: list[torch.Tensor], room: int, request_pages: range, slots: torch.Tensor) -> None:
-    """Compute the pattern of ``request_pages`` of ``room`` into pool ``slots``, per room.
-
-    The stepping nodes' "forward pass" (torch, a few ms a room): the fault
-    tests' timing was tuned with it.  The demo's event-driven nodes use
-    :class:`PagePattern` instead.
-    """
-    req = torch.tensor(list(request_pages), dtype=torch.int64)
-    for layer, tensor in enumerate(layers):
-        view = tensor.view(tensor.shape[0], -1).view(torch.uint8)
-        view[slots] = _pattern(room, req, layer, view.shape[1])
-
-
-def expected_pages(layers: list[torch.Tensor], room: int, request_pages: range, slots: torch.Tensor) -> bool:
-    """True when pool ``slots`` hold exactly the :func:`fill_pages` pattern of ``request_pages``."""
-    req = torch.tensor(list(request_pages), dtype=torch.int64)
-    for layer, tensor in enumerate(layers):
-        view = tensor.view(tensor.shape[0], -1).view(torch.uint8)
-        if not torch.equal(view[slots], _pattern(room, req, layer, view.shape[1])):
-            return False
-    return True
-
-
-def fill_aux(aux: torch.Tensor, slot: int, room: int) -> None:
-    """Aux slot contents of a room (its id, repeated)."""
-    row = aux[slot].view(-1).view(torch.uint8)
-    row[:] = _aux_row(room, row.numel())
-
-
-def aux_matches(aux: torch.Tensor, slot: int, room: int) -> bool:
-    """True when the aux slot holds the room's aux contents."""
-    row = aux[slot].view(-1).view(torch.uint8)
-    return torch.equal(row, _aux_row(room, row.numel()))
-
-
-def _aux_row(room: int, width: int) -> torch.Tensor:
-    stamp = torch.tensor([room * 2654435761 % 2**63], dtype=torch.int64).view(torch.uint8)
-    return stamp.repeat(width // 8 + 1)[:width]
 
 
 class PageAllocator:
