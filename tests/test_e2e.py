@@ -133,7 +133,7 @@ def test_stopped_decode_is_failed_by_deadlines(
     late = [r for r in failed if r.finished - max(r.started, stopped_at) >= lag.bound(3.0 + 1.5)]
     assert not late, (lag.worst, [(r.room, r.finished - max(r.started, stopped_at), r.error) for r in late])
     if transport == "tcp":  # over TCP a WRITE into a stopped process stays in PROC
-        assert any("Transferring deadline" in (r.error or "") for r in failed)
+        assert any("Transferring deadline" in (r.error or "") for r in failed), [r.error for r in failed]
     assert cluster.wait_until(lambda: len(cluster.outcome("decode")) == 40, 30)
     cluster.finish()
     decode_rooms = cluster.outcome("decode")  # one verdict per room on both sides
