@@ -148,9 +148,15 @@ def test_stopped_decode_is_failed_by_deadlines(
 def test_aborts_from_either_side_reach_the_other(
     make_cluster: Callable[..., Cluster], transport: str
 ) -> None:
-    # many small chunks make rooms slow enough to abort mid-transfer
+    # one 2-page chunk per room every 50 ms: a room of 64+ pages needs 1.6 s or more of steps
+    # (more on a loaded machine, never less), so the aborts sent 0.2 s in find every room live
     cluster = make_cluster(
-        pool_pages=4096, chunk_pages=2, concurrency=48, deadlines=(5.0, 30.0, 10.0), env=TRANSPORTS[transport]
+        pool_pages=4096,
+        chunk_pages=2,
+        chunk_interval=0.05,
+        concurrency=48,
+        deadlines=(5.0, 30.0, 10.0),
+        env=TRANSPORTS[transport],
     )
     cluster.start_prefill()
     decode = cluster.start_decode(0)
