@@ -74,6 +74,7 @@ def _die_with_parent(shape: Shape) -> None:
     from kvroom.demo.nodes import die_with_parent
 
     die_with_parent()
+    os.dup2(2, 1)  # NIXL logs to stdout: keep the parent's stdout for the table or the JSON
     os.environ.update(dict(shape.env))
 
 

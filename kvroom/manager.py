@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["KVManager"]
 
 Command = Callable[[], None]
+COMMAND_BUDGET = 0.02
+"""Seconds of queued commands (posting chunks) the worker runs per loop turn."""
 
 
 class StallWatch:
@@ -141,6 +143,7 @@ class KVManager:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._woken = False  # a wake-up byte is in the pipe and the worker has not drained it yet
         self._stopping = threading.Event()
         self.stall = StallWatch(self.config.heartbeat_interval, clock())
         self._fatal: BaseException | None = None
@@ -192,6 +195,9 @@ class KVManager:
     def enqueue(self, command: Command) -> None:
         """Queue ``command`` for the worker without checking it is alive (internal hooks)."""
         self._commands.append(command)
+        if self._woken:  # the worker will drain the queue, this command included, when it wakes
+            return
+        self._woken = True
         with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
             os.write(self._wake_w, b"x")
 
@@ -241,13 +247,13 @@ class KVManager:
                 busy = self.side.busy()
                 ready = dict(poller.poll(0 if self._commands else 1 if busy else 5))
                 if self._wake_r in ready:
+                    self._woken = False  # before draining: a command queued from now on wakes us again
                     try:
                         while os.read(self._wake_r, 4096):
                             pass
                     except BlockingIOError:
                         pass
-                while self._commands:
-                    self._commands.popleft()()
+                self._run_commands()
                 now = self.clock()
                 if self.stall.tick(now):
                     self.log.warning("kvroom.worker_stalled", seconds=round(self.stall.pause, 3))
@@ -263,6 +269,23 @@ class KVManager:
                 )
         finally:
             self.side.close()
+
+    def _run_commands(self) -> None:
+        """Run queued commands for at most ``COMMAND_BUDGET`` seconds.
+
+        A burst of ``send()`` calls may queue seconds of WRITEs (their copies run
+        inline on host memory); the rest waits for the next loop turn, so messages,
+        heartbeats and deadlines are served between, and the loop's clock never
+        mistakes the burst for a stall.
+        """
+        commands = self._commands
+        if not commands:
+            return
+        until = time.monotonic() + COMMAND_BUDGET
+        while commands:
+            commands.popleft()()
+            if time.monotonic() >= until:
+                return
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker, close sockets and deregister memory (idempotent)."""

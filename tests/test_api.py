@@ -267,3 +267,18 @@ def test_stall_watch_measures_only_gaps_longer_than_a_heartbeat_interval() -> No
     assert watch.tick(13.4) == pytest.approx(3.0)  # a SIGSTOP, a long GC pause
     assert watch.pause == pytest.approx(3.0) and watch.pauses == 1
     assert watch.tick(13.41) == 0.0 and watch.pause == 0.0
+
+
+def test_a_burst_of_queued_commands_is_spread_over_loop_turns(pair: tuple[KVManager, KVManager]) -> None:
+    # a burst of send() calls queues many WRITEs; the worker runs them in slices of
+    # COMMAND_BUDGET so messages, heartbeats and deadlines are served between
+    # (and its stall watch never mistakes the burst for a pause of the process)
+    from kvroom.manager import COMMAND_BUDGET
+
+    prefill, _ = pair
+    turns: list[float] = []  # the loop tick each command ran in
+    for _ in range(12):
+        prefill.submit(lambda: (turns.append(prefill.stall.last), time.sleep(COMMAND_BUDGET / 2)))
+    assert wait(lambda: len(turns) == 12)
+    # a turn runs commands until the budget is spent: at most 2 of these (fewer when sleeps overrun)
+    assert len(set(turns)) >= 6, turns

@@ -79,3 +79,15 @@ def test_bad_page_indices_are_named(pages: object, error: type[Exception], match
 def test_valid_pages_from_torch_and_lists() -> None:
     assert validate_pages(torch.tensor([3, 1]), 64, "r").tolist() == [3, 1]
     assert validate_pages([], 64, "r").size == 0
+
+
+@pytest.mark.parametrize("size", [2, 511, 512, 513, 5000])
+def test_duplicates_are_found_in_short_and_long_page_lists(size: int) -> None:
+    # short lists are checked with a set, long ones with np.unique: both must see a repeat anywhere
+    pages = np.arange(size, dtype=np.int64)
+    assert validate_pages(pages, size, "r").size == size
+    for i, j in ((0, size - 1), (size // 2, size // 2 - 1)):
+        bad = pages.copy()
+        bad[i] = bad[j]
+        with pytest.raises(ValueError, match="duplicate page indices"):
+            validate_pages(bad, size, "r")

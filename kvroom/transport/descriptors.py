@@ -45,9 +45,24 @@ def validate_pages(pages: object, num_pages: int, what: str) -> IntArray:
         raise ValueError(f"{what}: negative page index {low}")
     if high >= num_pages:
         raise ValueError(f"{what}: page index {high} out of range for a pool of {num_pages} pages")
-    if np.unique(arr).size != arr.size:
+    if _has_duplicates(arr):
         raise ValueError(f"{what}: duplicate page indices")
     return arr
+
+
+_SMALL = 512
+
+
+def _has_duplicates(arr: IntArray) -> bool:
+    """True when ``arr`` repeats a value.
+
+    A chunk's few pages go through a Python set: ``np.unique`` (and ``np.sort``)
+    release the GIL, and on a scheduler thread beside kvroom's busy worker each
+    release costs a wait for the GIL to come back, several times the check.
+    """
+    if arr.size <= _SMALL:
+        return len(set(arr.tolist())) != arr.size
+    return bool(np.unique(arr).size != arr.size)
 
 
 def page_runs(src: IntArray, dst: IntArray) -> tuple[IntArray, IntArray, IntArray]:
@@ -58,10 +73,13 @@ def page_runs(src: IntArray, dst: IntArray) -> tuple[IntArray, IntArray, IntArra
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, empty
-    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
-    starts = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((starts, [n])))
-    return src[starts], dst[starts], lengths
+    # slices and ufuncs rather than np.diff / np.concatenate: this runs once per chunk
+    breaks = np.flatnonzero((src[1:] - src[:-1] != 1) | (dst[1:] - dst[:-1] != 1))
+    bounds = np.empty(breaks.size + 2, dtype=np.int64)
+    bounds[0], bounds[-1] = 0, n
+    bounds[1:-1] = breaks + 1
+    starts = bounds[:-1]
+    return src[starts], dst[starts], bounds[1:] - starts
 
 
 def run_descriptors(
