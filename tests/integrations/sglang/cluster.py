@@ -7,7 +7,8 @@ import os
 import signal
 from typing import Any
 
-from tests.integrations.sglang.node import _serve
+from tests.integrations.sglang.node import SchedulerRank
+from tests.ranks import _serve
 
 __all__ = ["Cluster", "Node", "call_all", "free_port"]
 
@@ -19,7 +20,7 @@ class Node:
         ctx = mp.get_context("spawn")
         self.name = name
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), name=name, daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, SchedulerRank), name=name, daemon=True)
         self.proc.start()
         child.close()
 
@@ -68,23 +69,37 @@ def free_port() -> int:
 
 
 class Cluster:
-    """Prefill ranks (rank 0 serves SGLang's bootstrap server) and decode instances, as processes."""
+    """Prefill ranks (rank 0 serves SGLang's bootstrap server) and decode instances, as processes.
+
+    ``prefill`` lists the prefill ranks stage-major (``prefill_pp`` stages of
+    ``prefill_tp`` ranks, one gloo group per stage); every rank runs ``family``.
+    """
 
     def __init__(
-        self, prefill_tp: int = 1, decode_tps: tuple[int, ...] = (1,), env: dict[str, str] | None = None
+        self,
+        prefill_tp: int = 1,
+        decode_tps: tuple[int, ...] = (1,),
+        env: dict[str, str] | None = None,
+        family: str = "mha",
+        prefill_pp: int = 1,
     ):
         self.nodes: list[Node] = []
         port = free_port()
         self.addr = f"127.0.0.1:{port}"
-        self.prefill = [self._node(f"prefill{r}") for r in range(prefill_tp)]
+        self.prefill = [self._node(f"prefill{r}") for r in range(prefill_tp * prefill_pp)]
         self.decodes = [[self._node(f"decode{i}.{r}") for r in range(tp)] for i, tp in enumerate(decode_tps)]
-        gloo = free_port()
-        for r, node in enumerate(self.prefill):
-            node.post("start", "prefill", r, prefill_tp, port, gloo, r == 0, env)
+        for stage in range(prefill_pp):
+            gloo = free_port()
+            for r in range(prefill_tp):
+                node = self.prefill[stage * prefill_tp + r]
+                pp = (stage, prefill_pp)
+                node.post(
+                    "start", "prefill", r, prefill_tp, port, gloo, node is self.prefill[0], env, family, pp
+                )
         for group in self.decodes:
             gloo = free_port()
             for r, node in enumerate(group):
-                node.post("start", "decode", r, len(group), port, gloo, False, env)
+                node.post("start", "decode", r, len(group), port, gloo, False, env, family)
         for node in self.nodes:
             node.result("start", timeout=300)
 
