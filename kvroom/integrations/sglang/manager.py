@@ -6,7 +6,7 @@ of the model (:func:`~kvroom.integrations.sglang.regions.regions_from_kv_args`:
 MHA with replicated heads, MLA, hybrid mamba/SWA state, pipeline stages, host
 or device memory).  Only ``KVROOM_STAGING_PAGES`` (set on both sides) builds
 kvroom's tensor pool instead, the one kind with a staging ring
-(:func:`~kvroom.integrations.sglang.regions.pool_from_kv_args`).  The model's
+(:func:`~kvroom.integrations.sglang.staging.pool_from_kv_args`).  The model's
 layer count and KV heads come from ``KVArgs`` and, where it lacks them, SGLang's
 ``ModelConfig``.
 Prefill ranks register their kvroom control-plane address with SGLang's own
@@ -32,14 +32,8 @@ from sglang.srt.disaggregation.base.conn import BaseKVManager
 
 from kvroom.config import ManagerConfig
 from kvroom.fsm import Deadlines
-from kvroom.integrations.sglang.regions import (
-    AuxPacker,
-    RankShape,
-    Unsupported,
-    model_layers,
-    pool_from_kv_args,
-    regions_from_kv_args,
-)
+from kvroom.integrations.sglang.regions import RankShape, Unsupported, model_layers, regions_from_kv_args
+from kvroom.integrations.sglang.staging import AuxPacker, pool_from_kv_args
 from kvroom.manager import KVManager
 from kvroom.planning import RankRegions
 from kvroom.transport.layout import KVPool

@@ -33,32 +33,26 @@ say the draft model's heads), SWA state with pipeline-parallel prefill (its
 buffers carry no layer ids), and DeepSeek-V4's compressed-MLA pools.
 
 The staging ring (``KVROOM_STAGING_PAGES``) exists only on kvroom's tensor
-pools: :func:`pool_from_kv_args` aliases an MHA host pool as one, with
-:class:`AuxPacker` packing SGLang's metadata rows into its single aux slot.
+pools: :mod:`kvroom.integrations.sglang.staging` builds one instead.
 """
 
 from __future__ import annotations
 
-import ctypes
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvroom.planning import Buffer, ModelLayout, RankLayout, RankRegions, Section, attention_buffers
-from kvroom.transport.layout import KVPool
 from kvroom.transport.regions import Region, RegionPool
 
 __all__ = [
     "STATE_SPACES",
-    "AuxPacker",
     "RankShape",
     "Unsupported",
-    "alias",
+    "check_supported",
     "model_layers",
-    "pool_from_kv_args",
     "regions_from_kv_args",
 ]
 
@@ -89,8 +83,12 @@ def _value(kind: Any) -> str:
     return str(getattr(kind, "value", kind))
 
 
-def _mem(args: Any, count: int) -> list[tuple[str, int]]:
-    """(memory kind, device) of each of the first ``count`` KV buffers."""
+def mem_kinds(args: Any, count: int) -> list[tuple[str, int]]:
+    """(memory kind, device) of each of the first ``count`` KV buffers.
+
+    ``KVArgs.kv_data_mem_kinds`` when SGLang sets it (its decode does), else
+    VRAM on ``gpu_id`` when CUDA is available, else DRAM.
+    """
     kinds = [str(k).upper() for k in (getattr(args, "kv_data_mem_kinds", None) or [])]
     device = int(getattr(args, "gpu_id", 0) or 0)
     if not kinds:
@@ -99,7 +97,8 @@ def _mem(args: Any, count: int) -> list[tuple[str, int]]:
     return [(k, device if k == "VRAM" else 0) for k in kinds[:count]]
 
 
-def _check_supported(args: Any) -> None:
+def check_supported(args: Any) -> None:
+    """Raise :class:`Unsupported` naming a KVArgs feature kvroom cannot move."""
     if int(getattr(args, "num_draft_entries", 0) or 0):
         raise Unsupported(
             "kvroom's SGLang backend does not transfer speculative-decoding draft KV buffers: "
@@ -107,7 +106,9 @@ def _check_supported(args: Any) -> None:
         )
     if getattr(args, "mla_compression_ratios", None):
         raise Unsupported("kvroom's SGLang backend does not transfer DeepSeek-V4 compressed-MLA pools")
-    for kind, ptrs in zip(getattr(args, "state_types", None) or [], _state(args, "data_ptrs"), strict=False):
+    for kind, ptrs in zip(
+        getattr(args, "state_types", None) or [], state_lists(args, "data_ptrs"), strict=False
+    ):
         if ptrs and _value(kind) not in STATE_SPACES:
             raise Unsupported(
                 f"kvroom's SGLang backend does not transfer {_value(kind)!r} state buffers "
@@ -115,7 +116,8 @@ def _check_supported(args: Any) -> None:
             )
 
 
-def _state(args: Any, field: str) -> list[list[Any]]:
+def state_lists(args: Any, field: str) -> list[list[Any]]:
+    """``KVArgs.state_<field>`` as one list per state component (empty when unset)."""
     return [list(v or []) for v in (getattr(args, f"state_{field}", None) or [])]
 
 
@@ -134,7 +136,7 @@ def _kv_layer_ids(args: Any, per_layer: int, start: int) -> list[int]:
 def model_layers(args: Any, per_layer: int) -> int:
     """Layers of the model this rank's buffers imply when it holds them all (no PP)."""
     ids = _kv_layer_ids(args, per_layer, 0)
-    for layer_ids in _state(args, "layer_ids"):
+    for layer_ids in state_lists(args, "layer_ids"):
         ids += _ints(layer_ids)
     return max(ids) + 1 if ids else 0
 
@@ -149,12 +151,14 @@ def _sliced(heads_here: int, tp_size: int, what: str) -> int:
 def _mamba(args: Any, k: int, shape: RankShape, mem: tuple[str, int]) -> tuple[list[Buffer], list[Region]]:
     ptrs, lens = _ints(args.state_data_ptrs[k]), _ints(args.state_data_lens[k])
     items = _ints(args.state_item_lens[k])
-    layer_ids = _ints(_state(args, "layer_ids")[k] if k < len(_state(args, "layer_ids")) else [])
-    dims = _ints(_state(args, "dim_per_tensor")[k] if k < len(_state(args, "dim_per_tensor")) else [])
-    outer = _ints(
-        _state(args, "slice_outer_counts")[k] if k < len(_state(args, "slice_outer_counts")) else []
+    layer_ids = _ints(state_lists(args, "layer_ids")[k] if k < len(state_lists(args, "layer_ids")) else [])
+    dims = _ints(
+        state_lists(args, "dim_per_tensor")[k] if k < len(state_lists(args, "dim_per_tensor")) else []
     )
-    groups_all = _state(args, "conv_shard_groups")
+    outer = _ints(
+        state_lists(args, "slice_outer_counts")[k] if k < len(state_lists(args, "slice_outer_counts")) else []
+    )
+    groups_all = state_lists(args, "conv_shard_groups")
     groups = groups_all[k] if k < len(groups_all) else []
     if len(layer_ids) != len(ptrs):
         raise ValueError(f"mamba state: {len(layer_ids)} layer ids for {len(ptrs)} state buffers")
@@ -245,13 +249,13 @@ def regions_from_kv_args(
     MHA pools.  Raises :class:`Unsupported` for what kvroom cannot move and
     ValueError for inconsistent KVArgs.
     """
-    _check_supported(args)
+    check_supported(args)
     page_size = int(args.page_size)
     per_layer = 1 if shape.is_mla else 2
     start = int(getattr(args, "prefill_start_layer", 0) or 0) if shape.pp_size > 1 else 0
     layer_ids = _kv_layer_ids(args, per_layer, start)
     ptrs, lens, items = _ints(args.kv_data_ptrs), _ints(args.kv_data_lens), _ints(args.kv_item_lens)
-    mems = _mem(args, len(ptrs))
+    mems = mem_kinds(args, len(ptrs))
     buffers: list[Buffer] = []
     kv: list[Region] = []
     half = len(ptrs) // per_layer
@@ -299,87 +303,3 @@ def regions_from_kv_args(
     model = ModelLayout(layers, page_size, tuple(buffers + state_buffers + aux_buffers))
     rank = RankLayout(model, shape.tp_rank, shape.tp_size, shape.pp_rank, shape.pp_size, lo, hi)
     return RankRegions(rank, RegionPool(tuple(kv), tuple(aux), tuple(state)))
-
-
-def alias(ptr: int, nbytes: int) -> torch.Tensor:
-    """A uint8 CPU tensor over ``nbytes`` of host memory at ``ptr`` (no copy)."""
-    if ptr <= 0 or nbytes <= 0:
-        raise ValueError(f"cannot alias {nbytes} bytes at address {ptr:#x}")
-    buffer = (ctypes.c_uint8 * nbytes).from_address(ptr)
-    return torch.frombuffer(buffer, dtype=torch.uint8)
-
-
-def _equal(values: Sequence[int], what: str) -> int:
-    if not values or len(set(values)) != 1:
-        raise ValueError(f"kvroom needs every KV buffer to have one {what}, got {sorted(set(values))}")
-    return int(values[0])
-
-
-def pool_from_kv_args(
-    args: Any, *, kv_heads: int, tp_rank: int, tp_size: int, aux: torch.Tensor, staging_pages: int
-) -> KVPool:
-    """A tensor pool aliasing an MHA host pool, for decode's staging ring (``KVROOM_STAGING_PAGES``).
-
-    kvroom's staging ring lives on tensor pools only, which hold MHA pages and
-    one aux tensor (``aux``, an :class:`AuxPacker`'s); anything else is
-    :class:`Unsupported` with the ring.
-    """
-    _check_supported(args)
-    if any(_state(args, "data_ptrs")):
-        raise Unsupported("kvroom's staging ring (KVROOM_STAGING_PAGES) does not carry state buffers")
-    if _mem(args, 1)[0][0] != "DRAM":
-        raise Unsupported("kvroom's staging ring (KVROOM_STAGING_PAGES) aliases host (DRAM) KV buffers only")
-    page_size = int(args.page_size)
-    item = _equal(list(args.kv_item_lens), "page size in bytes")
-    pages = min(int(n) // item for n in args.kv_data_lens)
-    if pages <= 0:
-        raise ValueError("KV buffers hold no whole page")
-    if kv_heads <= 0 or item % (page_size * kv_heads):
-        raise ValueError(f"a {item}-byte page does not split into {page_size} tokens x {kv_heads} heads")
-    head_bytes = item // (page_size * kv_heads)
-    layers = [
-        alias(int(ptr), pages * item).view(pages, page_size, kv_heads, head_bytes)
-        for ptr in args.kv_data_ptrs
-    ]
-    return KVPool(
-        layers,
-        aux,
-        page_size=page_size,
-        kv_heads=kv_heads,
-        tp_rank=tp_rank,
-        tp_size=tp_size,
-        staging_pages=staging_pages,
-    )
-
-
-class AuxPacker:
-    """SGLang's aux (metadata) buffers, one row each per request, packed into one tensor-pool aux slot."""
-
-    def __init__(self, ptrs: Sequence[int], lens: Sequence[int], item_lens: Sequence[int]) -> None:
-        if not ptrs or not len(ptrs) == len(lens) == len(item_lens):
-            raise ValueError("KVArgs needs aux_data_ptrs/lens/item_lens of one non-zero length")
-        self.slots = min(int(n) // int(i) for n, i in zip(lens, item_lens, strict=True))
-        if self.slots <= 0:
-            raise ValueError("aux buffers hold no whole row")
-        self.buffers = [
-            alias(int(p), self.slots * int(i)).view(self.slots, int(i))
-            for p, i in zip(ptrs, item_lens, strict=True)
-        ]
-        self.offsets: list[tuple[int, int]] = []
-        start = 0
-        for i in item_lens:
-            self.offsets.append((start, start + int(i)))
-            start += int(i)
-        self.packed = torch.zeros(self.slots, start, dtype=torch.uint8)
-
-    def pack(self, slot: int) -> None:
-        """Copy row ``slot`` of every SGLang buffer into packed slot ``slot`` (prefill)."""
-        row = self.packed[slot]
-        for buffer, (lo, hi) in zip(self.buffers, self.offsets, strict=True):
-            row[lo:hi].copy_(buffer[slot])
-
-    def unpack(self, slot: int) -> None:
-        """Copy packed slot ``slot`` into row ``slot`` of every SGLang buffer (decode)."""
-        row = self.packed[slot]
-        for buffer, (lo, hi) in zip(self.buffers, self.offsets, strict=True):
-            buffer[slot].copy_(row[lo:hi])

@@ -19,13 +19,8 @@ from tests.integrations.sglang import shim
 shim.install()
 
 from kvroom.integrations.sglang import plugin  # noqa: E402
-from kvroom.integrations.sglang.regions import (  # noqa: E402
-    AuxPacker,
-    RankShape,
-    Unsupported,
-    pool_from_kv_args,
-    regions_from_kv_args,
-)
+from kvroom.integrations.sglang.regions import RankShape, Unsupported, regions_from_kv_args  # noqa: E402
+from kvroom.integrations.sglang.staging import AuxPacker, pool_from_kv_args  # noqa: E402
 
 
 def _hooks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, Any]]:
