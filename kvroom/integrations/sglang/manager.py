@@ -168,7 +168,8 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
         self.kv_args = args
         self.server_args = server_args
         self.disaggregation_mode = disaggregation_mode
-        self.is_mla_backend = bool(is_mla_backend)
+        # a hybrid model whose full-attention layers are MLA lists one latent per layer too
+        self.is_mla_backend = bool(is_mla_backend) or bool(getattr(args, "is_hybrid_mla_backend", False))
         role = str(getattr(disaggregation_mode, "value", disaggregation_mode))
         if role not in ("prefill", "decode"):
             raise ValueError(f"kvroom needs a prefill or decode scheduler, got mode {role!r}")

@@ -126,6 +126,23 @@ def test_an_mla_pool_is_one_latent_per_layer_that_every_rank_holds() -> None:
     assert regions.layout.heads(regions.layout.model.by_key["kv.0"].sections[0]) == (0, 1)
 
 
+def test_a_hybrid_model_with_mla_attention_lists_one_latent_per_attention_layer() -> None:
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    from kvroom.integrations.sglang.manager import KvroomKVManager
+
+    args, _keep = kv_args(layers=1, heads=1, kv_layer_ids=[1, 3], is_hybrid_mla_backend=True)
+    server_args = types.SimpleNamespace(tp_size=1, dp_size=1, pp_size=1, host="127.0.0.1")
+    server_args.disaggregation_bootstrap_port = 1
+    manager = KvroomKVManager(args, DisaggregationMode.DECODE, server_args, False)  # as SGLang passes it
+    try:
+        assert manager.is_mla_backend
+        assert sorted(k for k in manager.regions.regions if not k.startswith("aux")) == ["kv.1", "kv.3"]
+        assert manager.regions.layout.model.layers == 4
+    finally:
+        manager.close()
+
+
 def test_a_pipeline_stage_describes_every_layer_and_holds_its_own() -> None:
     args, _ = kv_args(layers=1, prefill_start_layer=1, prefill_end_layer=2, pp_rank=1)
     regions = regions_from_kv_args(args, RankShape(0, 1, 1, 2), layers=2, kv_heads=(2, 2))
