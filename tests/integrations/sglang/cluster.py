@@ -10,7 +10,7 @@ from typing import Any
 from tests.integrations.sglang.node import SchedulerRank
 from tests.ranks import _serve
 
-__all__ = ["Cluster", "Node", "call_all", "free_port"]
+__all__ = ["Cluster", "Node", "call_all", "free_port", "free_ports"]
 
 
 class Node:
@@ -61,11 +61,36 @@ def call_all(nodes: list[Node], method: str, *args: Any, timeout: float = 120.0,
 
 
 def free_port() -> int:
-    import socket
+    """One free TCP port on 127.0.0.1."""
+    return free_ports(1)[0]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports below the kernel's ephemeral range.
+
+    The ranks bind them seconds later (SGLang imports first); a port from the
+    ephemeral range may meanwhile become the local end of any outgoing connection
+    on the machine, and ports picked one at a time may repeat.
+    """
+    import random
+    import socket
+    from pathlib import Path
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    picked: list[int] = []
+    for port in random.sample(range(20000, max(low, 20000 + 4 * count)), 4 * count + 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        picked.append(port)
+        if len(picked) == count:
+            return picked
+    raise RuntimeError(f"no {count} free ports below {low}")
 
 
 class Cluster:
@@ -84,12 +109,12 @@ class Cluster:
         prefill_pp: int = 1,
     ):
         self.nodes: list[Node] = []
-        port = free_port()
+        port, *gloos = free_ports(1 + prefill_pp + len(decode_tps))
         self.addr = f"127.0.0.1:{port}"
         self.prefill = [self._node(f"prefill{r}") for r in range(prefill_tp * prefill_pp)]
         self.decodes = [[self._node(f"decode{i}.{r}") for r in range(tp)] for i, tp in enumerate(decode_tps)]
         for stage in range(prefill_pp):
-            gloo = free_port()
+            gloo = gloos.pop()
             for r in range(prefill_tp):
                 node = self.prefill[stage * prefill_tp + r]
                 pp = (stage, prefill_pp)
@@ -97,7 +122,7 @@ class Cluster:
                     "start", "prefill", r, prefill_tp, port, gloo, node is self.prefill[0], env, family, pp
                 )
         for group in self.decodes:
-            gloo = free_port()
+            gloo = gloos.pop()
             for r, node in enumerate(group):
                 node.post("start", "decode", r, len(group), port, gloo, False, env, family)
         for node in self.nodes:
