@@ -7,9 +7,15 @@ Translations (SGLang's convention -> kvroom's):
   ``send`` prepends that many placeholder pages, which kvroom skips (it writes
   only pages past the prefix decode announced).  ``pop_decode_prefix_len()``
   returns the prefix in tokens.
-- aux: the last chunk packs the request's metadata rows into kvroom's aux slot
-  first; decode unpacks them when kvroom reports Success (kvroom reports it only
-  after the aux row landed and prefill committed).
+- aux: the request's metadata row index goes to kvroom as its aux index; kvroom
+  writes that row of every metadata buffer straight into decode's buffers with
+  the last chunk and reports Success only after it landed and prefill
+  committed.  (With ``KVROOM_STAGING_PAGES`` the tensor pool has one aux slot:
+  the rows are packed into it before the last chunk and unpacked on Success.)
+- state: ``send(kv_indices, state_indices)`` and ``send_metadata(...,
+  state_indices)`` take SGLang's list aligned with ``KVArgs.state_types``; it
+  becomes kvroom's ``{space: indices}`` (mamba rows, sliding-window pages),
+  written with the last chunk and covered by the room's cleanup.
 - ``failure_exception()`` raises SGLang's ``KVTransferError`` with kvroom's cause
   chained (``__cause__``) and named in ``failure_reason``; for a room still live
   here (another rank failed it: the polls are MIN-reduced) it aborts the room
@@ -35,7 +41,7 @@ from kvroom.fsm import KVPoll
 from kvroom.handle import RoomHandle
 from kvroom.integrations.sglang.bootstrap import KvroomKVBootstrapServer
 from kvroom.integrations.sglang.manager import KvroomKVManager
-from kvroom.integrations.sglang.regions import Unsupported
+from kvroom.integrations.sglang.regions import STATE_SPACES, Unsupported
 from kvroom.receiver import KVReceiver
 from kvroom.sender import KVSender
 
@@ -44,9 +50,26 @@ __all__ = ["KvroomKVBootstrapServer", "KvroomKVManager", "KvroomKVReceiver", "Kv
 _TERMINAL = (KVPoll.Success, KVPoll.Failed)
 
 
-def _no_state(state_indices: Any) -> None:
-    if state_indices is not None and any(s is not None for s in state_indices):
-        raise Unsupported("kvroom's SGLang backend does not transfer state indices (hybrid models) yet")
+def state_indices_by_space(kv_args: Any, state_indices: Any) -> dict[str, np.ndarray] | None:
+    """SGLang's ``state_indices`` (one entry per ``KVArgs.state_types``) as kvroom's ``{space: indices}``."""
+    if state_indices is None:
+        return None
+    kinds = [str(getattr(t, "value", t)) for t in (getattr(kv_args, "state_types", None) or [])]
+    if len(state_indices) != len(kinds):
+        raise ValueError(f"{len(state_indices)} state index lists for state types {kinds}")
+    out: dict[str, np.ndarray] = {}
+    for kind, indices in zip(kinds, state_indices, strict=True):
+        if indices is None:
+            continue
+        if kind not in STATE_SPACES:
+            raise Unsupported(f"kvroom's SGLang backend does not transfer {kind!r} state")
+        if isinstance(indices, list | tuple):
+            parts = [np.asarray(x, dtype=np.int64).reshape(-1) for x in indices]
+            flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        else:
+            flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out[STATE_SPACES[kind]] = flat
+    return out or None
 
 
 class _Room:
@@ -155,7 +178,7 @@ class KvroomKVSender(_Room, BaseKVSender):  # type: ignore[misc]
             return 0
         pages = self.kv_mgr.kv.table.decode_prefix_lens.get(self.bootstrap_room) or 0
         self._prefix_pages = int(pages)
-        return self._prefix_pages * self.kv_mgr.pool.layout.page_size
+        return self._prefix_pages * self.kv_mgr.page_size
 
     def init(self, num_kv_indices: int, aux_index: int | None = None) -> None:
         """Declare the pages to send (after decode's prefix) and the metadata row."""
@@ -172,8 +195,8 @@ class KvroomKVSender(_Room, BaseKVSender):  # type: ignore[misc]
         return num_pages > 0 or last_chunk
 
     def send(self, kv_indices: Any, state_indices: Any = None, num_kv_tokens: int | None = None) -> None:
-        """Send the next chunk of page indices (pages after decode's prefix)."""
-        _no_state(state_indices)
+        """Send the next chunk of page indices (pages after decode's prefix), state with the last."""
+        state = state_indices_by_space(self.kv_mgr.kv_args, state_indices)
         if self._handle is None or self._num_pages is None:
             return
         pages = np.asarray(kv_indices, dtype=np.int64).reshape(-1)
@@ -183,11 +206,12 @@ class KvroomKVSender(_Room, BaseKVSender):  # type: ignore[misc]
         if self._sent == 0 and self._prefix_pages:  # placeholders kvroom skips: distinct, not in the chunk
             spare = np.setdiff1d(np.arange(self._prefix_pages + count, dtype=np.int64), pages)
             pages = np.concatenate([spare[: self._prefix_pages], pages])
-        if self._sent + count == self._num_pages and self._aux_index is not None:
-            self.kv_mgr.aux.pack(self._aux_index)
+        aux = self.kv_mgr.aux
+        if self._sent + count == self._num_pages and self._aux_index is not None and aux is not None:
+            aux.pack(self._aux_index)
         if self._started_at is None:
             self._started_at = time.monotonic()
-        self._tx.send(pages)
+        self._tx.send(pages, state_indices=state)
         self._sent += count
         self._bytes += count * self.kv_mgr.page_bytes
 
@@ -246,7 +270,7 @@ class KvroomKVReceiver(_Room, BaseKVReceiver):  # type: ignore[misc]
         destination: Any = None,
     ) -> None:
         """Tell prefill which pages (after ``decode_prefix_len`` tokens) and which metadata row to fill."""
-        _no_state(state_indices)
+        state = state_indices_by_space(self.kv_mgr.kv_args, state_indices)
         if destination is not None and getattr(destination, "value", destination) != "device":
             raise Unsupported("kvroom's SGLang backend does not receive into host destinations yet")
         if self._handle is None:
@@ -256,14 +280,16 @@ class KvroomKVReceiver(_Room, BaseKVReceiver):  # type: ignore[misc]
             np.asarray(kv_indices, dtype=np.int64),
             aux_index=aux_index,
             decode_prefix_len=decode_prefix_len or 0,
+            state_indices=state,
         )
 
     def poll(self) -> KVPoll:
         """The room's state; Success only with the metadata row copied into SGLang's buffers."""
         state = self._state()
         if state is KVPoll.Success and not self._unpacked:
-            if self._aux_index is not None:
-                self.kv_mgr.aux.unpack(self._aux_index)
+            aux = self.kv_mgr.aux
+            if self._aux_index is not None and aux is not None:
+                aux.unpack(self._aux_index)
             self._unpacked = True
         return state
 

@@ -1,8 +1,14 @@
 """``KvroomKVManager``: SGLang's ``BaseKVManager`` over one kvroom :class:`~kvroom.KVManager`.
 
-Built from the ``KVArgs`` SGLang's ``_init_kv_manager`` fills: the KV buffers
-become a kvroom pool (:func:`~kvroom.integrations.sglang.regions.pool_from_kv_args`),
-the metadata buffers an :class:`~kvroom.integrations.sglang.regions.AuxPacker`.
+Built from the ``KVArgs`` SGLang's ``_init_kv_manager`` fills: KV, metadata
+(aux) and state buffers become kvroom raw regions bound to this rank's share
+of the model (:func:`~kvroom.integrations.sglang.regions.regions_from_kv_args`:
+MHA with replicated heads, MLA, hybrid mamba/SWA state, pipeline stages, host
+or device memory).  Only ``KVROOM_STAGING_PAGES`` (set on both sides) builds
+kvroom's tensor pool instead, the one kind with a staging ring
+(:func:`~kvroom.integrations.sglang.staging.pool_from_kv_args`).  The model's
+layer count and KV heads come from ``KVArgs`` and, where it lacks them, SGLang's
+``ModelConfig``.
 Prefill ranks register their kvroom control-plane address with SGLang's own
 HTTP bootstrap server (``PUT /route``, the payload SGLang's backends send);
 decode ranks read it back (``GET /route``) in :meth:`try_ensure_parallel_info`
@@ -26,8 +32,11 @@ from sglang.srt.disaggregation.base.conn import BaseKVManager
 
 from kvroom.config import ManagerConfig
 from kvroom.fsm import Deadlines
-from kvroom.integrations.sglang.regions import AuxPacker, pool_from_kv_args
+from kvroom.integrations.sglang.regions import RankShape, Unsupported, model_layers, regions_from_kv_args
+from kvroom.integrations.sglang.staging import AuxPacker, pool_from_kv_args
 from kvroom.manager import KVManager
+from kvroom.planning import RankRegions
+from kvroom.transport.layout import KVPool
 
 __all__ = ["AUDIT_LOGGER", "KvroomKVManager", "audit_logger"]
 
@@ -80,22 +89,47 @@ def _parallel(server_args: Any, args: Any) -> tuple[int, int, int, int]:
         return tp, rank, int(getattr(server_args, "pp_size", 1) or 1), 0
 
 
-def _kv_heads(args: Any, server_args: Any, tp: int) -> int:
-    """This rank's KV heads: ``KVArgs.kv_head_num`` (set by SGLang's prefill, and by its decode
-    when staging is on), else the model config's total over the attention TP size."""
-    heads = int(getattr(args, "kv_head_num", 0) or 0)
-    if heads > 0:
-        return heads
+def _model_config(server_args: Any) -> Any:
+    """SGLang's ``ModelConfig`` of the served model, or None when it cannot be read."""
     try:
         from sglang.srt.configs.model_config import ModelConfig
 
-        total = int(ModelConfig.from_server_args(server_args).get_total_num_kv_heads())
-    except Exception as exc:
+        return ModelConfig.from_server_args(server_args)
+    except Exception:
+        return None
+
+
+def _kv_heads(args: Any, model: Any, tp: int) -> tuple[int, int]:
+    """(KV heads this rank holds, the model's total KV heads).
+
+    ``KVArgs.kv_head_num`` / ``total_kv_head_num`` (SGLang's prefill sets them),
+    else the model config's total: a rank holds ``total / tp`` heads, or one
+    replica when there are fewer heads than ranks.
+    """
+    local = int(getattr(args, "kv_head_num", 0) or 0)
+    total = int(getattr(args, "total_kv_head_num", 0) or 0)
+    if total <= 0:
+        if model is None:
+            raise ValueError(
+                "kvroom needs the model's KV head count: KVArgs.total_kv_head_num is unset and the "
+                "model config could not be read"
+            )
+        total = int(model.get_total_num_kv_heads())
+    if local <= 0:
+        local = max(1, total // tp)
+    return local, total
+
+
+def _layers(args: Any, model: Any, per_layer: int, pp_size: int) -> int:
+    """The model's layer count: the model config's, else (no PP) what this rank's buffers span."""
+    if model is not None and getattr(model, "num_hidden_layers", None):
+        return int(model.num_hidden_layers)
+    if pp_size > 1:
         raise ValueError(
-            "kvroom needs this rank's KV head count: KVArgs.kv_head_num is unset and the model "
-            f"config could not be read ({exc})"
-        ) from exc
-    return max(1, total // tp)
+            "kvroom needs the model's layer count with pipeline-parallel prefill and the model "
+            "config could not be read"
+        )
+    return model_layers(args, per_layer)
 
 
 def _bootstrap_url(server_args: Any) -> str:
@@ -120,7 +154,7 @@ def _local_ip() -> str:
 
 
 class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
-    """One per scheduler process and role: owns the kvroom manager, its pool and the aux packer."""
+    """One per scheduler process and role: owns the kvroom manager and its regions."""
 
     # kvroom's decode room turns Failed only once no WRITE for it can still land, so SGLang
     # may free a failed room's pages at once: no deferred release is needed.
@@ -134,7 +168,8 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
         self.kv_args = args
         self.server_args = server_args
         self.disaggregation_mode = disaggregation_mode
-        self.is_mla_backend = bool(is_mla_backend)
+        # a hybrid model whose full-attention layers are MLA lists one latent per layer too
+        self.is_mla_backend = bool(is_mla_backend) or bool(getattr(args, "is_hybrid_mla_backend", False))
         role = str(getattr(disaggregation_mode, "value", disaggregation_mode))
         if role not in ("prefill", "decode"):
             raise ValueError(f"kvroom needs a prefill or decode scheduler, got mode {role!r}")
@@ -145,19 +180,32 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
         staging = int(os.environ.get("KVROOM_STAGING_PAGES", "0"))
         self.attn_tp_size, self.attn_tp_rank, self.pp_size, self.attn_dp_rank = tp, rank, pp, dp_rank
         self.attn_cp_size, self.attn_cp_rank = 1, 0
-        self.aux = AuxPacker(args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens)
-        kv_heads = 1 if self.is_mla_backend else _kv_heads(args, server_args, tp)
-        self.pool = pool_from_kv_args(
-            args,
-            kv_heads=kv_heads,
-            tp_rank=rank,
-            tp_size=tp,
-            aux=self.aux.packed,
-            is_mla=self.is_mla_backend,
-            pp_size=pp,
-            staging_pages=staging if role == "decode" else 0,
-        )
-        self.page_bytes = self.pool.page_bytes * len(self.pool.layers)
+        self.aux: AuxPacker | None = None
+        model = _model_config(server_args)
+        heads = None if self.is_mla_backend else _kv_heads(args, model, tp)
+        self.page_size = int(args.page_size)
+        pp_rank = int(getattr(args, "pp_rank", 0) or 0)
+        if staging:  # the staging ring lives on tensor pools, on both sides (see regions.py)
+            if self.is_mla_backend or pp > 1:
+                raise Unsupported(
+                    "kvroom's staging ring (KVROOM_STAGING_PAGES) serves MHA pools without "
+                    "pipeline parallelism only"
+                )
+            assert heads is not None
+            self.aux = AuxPacker(args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens)
+            pool: KVPool | RankRegions = pool_from_kv_args(
+                args,
+                kv_heads=heads[0],
+                tp_rank=rank,
+                tp_size=tp,
+                aux=self.aux.packed,
+                staging_pages=staging if role == "decode" else 0,
+            )
+        else:
+            shape = RankShape(rank, tp, pp_rank, pp, self.is_mla_backend)
+            layers = _layers(args, model, 1 if self.is_mla_backend else 2, pp)
+            pool = regions_from_kv_args(args, shape, layers, heads)
+        self.pool = pool
         deadlines = Deadlines(
             bootstrapping=_env_float("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", 300.0),
             waiting=_env_float("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", 300.0),
@@ -171,6 +219,9 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             transfer_mode="auto" if staging else "direct",
         )
         self.kv = KVManager(role, self.pool, config=config, logger=audit_logger())
+        self.regions: RankRegions = self.kv.regions
+        kv = [r for key, r in self.regions.regions.items() if self.regions.pool.role_of(key) == "kv"]
+        self.page_bytes = sum(r.item_bytes for r in kv)  # of one page, over every KV buffer held here
         self.bootstrap_url = _bootstrap_url(server_args)
         self.prefill_info_table: dict[str, Any] = {}
         self._rank_addrs: dict[tuple[str, int], list[str]] = {}
@@ -233,26 +284,24 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
         return True
 
     def prefill_rank_addresses(self, bootstrap_addr: str, prefill_dp_rank: int) -> list[str]:
-        """kvroom addresses of every prefill TP rank of one DP group, in rank order (cached)."""
+        """kvroom addresses of every prefill rank of one DP group, stage-major then TP rank (cached)."""
         key = (bootstrap_addr, prefill_dp_rank)
         if key in self._rank_addrs:
             return self._rank_addrs[key]
         if not self.try_ensure_parallel_info(bootstrap_addr):
             raise ConnectionError(f"prefill bootstrap server {bootstrap_addr} is not ready")
         info = self.prefill_info_table[bootstrap_addr]
-        if int(info.pp_size) > 1:
-            raise NotImplementedError(
-                "kvroom's SGLang backend does not support pipeline-parallel prefill yet"
-            )
         addrs = []
-        for tp_rank in range(int(info.attn_tp_size)):
-            query = {"prefill_dp_rank": prefill_dp_rank, "prefill_cp_rank": 0}
-            query.update(target_tp_rank=tp_rank, target_pp_rank=0)
-            response = requests.get(f"http://{bootstrap_addr}/route", params=query, timeout=_HTTP_TIMEOUT)
-            if response.status_code != 200:
-                raise ConnectionError(f"bootstrap server {bootstrap_addr}: {response.text}")
-            rank = response.json()
-            addrs.append(f"{rank['rank_ip']}:{rank['rank_port']}")
+        for pp_rank in range(int(info.pp_size or 1)):  # stage-major, as kvroom's receiver takes them
+            for tp_rank in range(int(info.attn_tp_size)):
+                query = {"prefill_dp_rank": prefill_dp_rank, "prefill_cp_rank": 0}
+                query.update(target_tp_rank=tp_rank, target_pp_rank=pp_rank)
+                url = f"http://{bootstrap_addr}/route"
+                response = requests.get(url, params=query, timeout=_HTTP_TIMEOUT)
+                if response.status_code != 200:
+                    raise ConnectionError(f"bootstrap server {bootstrap_addr}: {response.text}")
+                rank = response.json()
+                addrs.append(f"{rank['rank_ip']}:{rank['rank_port']}")
         self._rank_addrs[key] = addrs
         return addrs
 

@@ -7,9 +7,10 @@ import os
 import signal
 from typing import Any
 
-from tests.integrations.sglang.node import _serve
+from tests.integrations.sglang.node import SchedulerRank
+from tests.ranks import _serve
 
-__all__ = ["Cluster", "Node", "call_all", "free_port"]
+__all__ = ["Cluster", "Node", "call_all", "free_port", "free_ports"]
 
 
 class Node:
@@ -19,7 +20,7 @@ class Node:
         ctx = mp.get_context("spawn")
         self.name = name
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), name=name, daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, SchedulerRank), name=name, daemon=True)
         self.proc.start()
         child.close()
 
@@ -60,31 +61,70 @@ def call_all(nodes: list[Node], method: str, *args: Any, timeout: float = 120.0,
 
 
 def free_port() -> int:
-    import socket
+    """One free TCP port on 127.0.0.1."""
+    return free_ports(1)[0]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports below the kernel's ephemeral range.
+
+    The ranks bind them seconds later (SGLang imports first); a port from the
+    ephemeral range may meanwhile become the local end of any outgoing connection
+    on the machine, and ports picked one at a time may repeat.
+    """
+    import random
+    import socket
+    from pathlib import Path
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    picked: list[int] = []
+    for port in random.sample(range(20000, max(low, 20000 + 4 * count)), 4 * count + 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        picked.append(port)
+        if len(picked) == count:
+            return picked
+    raise RuntimeError(f"no {count} free ports below {low}")
 
 
 class Cluster:
-    """Prefill ranks (rank 0 serves SGLang's bootstrap server) and decode instances, as processes."""
+    """Prefill ranks (rank 0 serves SGLang's bootstrap server) and decode instances, as processes.
+
+    ``prefill`` lists the prefill ranks stage-major (``prefill_pp`` stages of
+    ``prefill_tp`` ranks, one gloo group per stage); every rank runs ``family``.
+    """
 
     def __init__(
-        self, prefill_tp: int = 1, decode_tps: tuple[int, ...] = (1,), env: dict[str, str] | None = None
+        self,
+        prefill_tp: int = 1,
+        decode_tps: tuple[int, ...] = (1,),
+        env: dict[str, str] | None = None,
+        family: str = "mha",
+        prefill_pp: int = 1,
     ):
         self.nodes: list[Node] = []
-        port = free_port()
+        port, *gloos = free_ports(1 + prefill_pp + len(decode_tps))
         self.addr = f"127.0.0.1:{port}"
-        self.prefill = [self._node(f"prefill{r}") for r in range(prefill_tp)]
+        self.prefill = [self._node(f"prefill{r}") for r in range(prefill_tp * prefill_pp)]
         self.decodes = [[self._node(f"decode{i}.{r}") for r in range(tp)] for i, tp in enumerate(decode_tps)]
-        gloo = free_port()
-        for r, node in enumerate(self.prefill):
-            node.post("start", "prefill", r, prefill_tp, port, gloo, r == 0, env)
+        for stage in range(prefill_pp):
+            gloo = gloos.pop()
+            for r in range(prefill_tp):
+                node = self.prefill[stage * prefill_tp + r]
+                pp = (stage, prefill_pp)
+                node.post(
+                    "start", "prefill", r, prefill_tp, port, gloo, node is self.prefill[0], env, family, pp
+                )
         for group in self.decodes:
-            gloo = free_port()
+            gloo = gloos.pop()
             for r, node in enumerate(group):
-                node.post("start", "decode", r, len(group), port, gloo, False, env)
+                node.post("start", "decode", r, len(group), port, gloo, False, env, family)
         for node in self.nodes:
             node.result("start", timeout=300)
 

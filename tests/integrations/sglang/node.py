@@ -2,10 +2,12 @@
 
 Each process loads SGLang's plugins (which finds kvroom's entry point), takes
 the classes ``get_kv_class(TransferBackend("kvroom"), ...)`` returns, fills a
-``KVArgs`` the way ``_init_kv_manager`` does (MHA token pools as CPU tensors,
+``KVArgs`` the way ``_init_kv_manager`` and ``setup_state_kv_args`` do (the
+family's pools of :mod:`tests.integrations.sglang.families` as CPU tensors,
 SGLang's ``MetadataBuffers`` as aux) and polls with ``poll_and_all_reduce``
-on a gloo group.  The test calls :class:`SchedulerRank` methods over a pipe
-(:class:`tests.integrations.sglang.cluster.Node`); children die with their parent.
+on a gloo group of its TP ranks.  The test calls :class:`SchedulerRank`
+methods over a pipe (:class:`tests.integrations.sglang.cluster.Node`, served by
+:func:`tests.ranks._serve`); children die with their parent.
 """
 
 from __future__ import annotations
@@ -13,23 +15,13 @@ from __future__ import annotations
 import math
 import os
 import time
-import traceback
 import types
-from multiprocessing.connection import Connection
 from typing import Any
 
-LAYERS, PAGE_SIZE, HEADS, HEAD_DIM, PAGES, AUX_ROWS = 2, 4, 4, 8, 48, 8
+from tests.integrations.sglang.families import AUX_ROWS, PAGE_SIZE, PAGES, Pools
+
 TERMINAL = ("Success", "Failed")
-
-
-def pattern(layer: int, kind: int, slots: Any, heads: Any) -> Any:
-    """What prefill holds in token slots ``slots`` for global ``heads`` (unique per element)."""
-    import torch
-
-    s = torch.as_tensor(slots).view(-1, 1, 1)
-    h = torch.as_tensor(heads).view(1, -1, 1)
-    d = torch.arange(HEAD_DIM).view(1, 1, -1)
-    return (layer * 10_000_000 + kind * 5_000_000 + s * 1000 + h * 50 + d + 1).to(torch.int32)
+__all__ = ["PAGES", "PAGE_SIZE", "TERMINAL", "SchedulerRank"]
 
 
 class SchedulerRank:
@@ -51,6 +43,8 @@ class SchedulerRank:
         gloo_port: int,
         serve_bootstrap: bool,
         env: dict[str, str] | None = None,
+        family: str = "mha",
+        pp: tuple[int, int] = (0, 1),
     ) -> str:
         """Load SGLang's plugins and make this rank's kvroom manager through ``get_kv_class``."""
         os.environ.update(env or {})
@@ -81,35 +75,32 @@ class SchedulerRank:
         )
         self.group = dist.group.WORLD
         self.role, self.rank, self.size, self.bootstrap_port = role, rank, size, bootstrap_port
-        heads = HEADS // size
-        self.heads = list(range(rank * heads, (rank + 1) * heads))
-        tokens = (PAGES + 1) * PAGE_SIZE  # SGLang's pools keep one extra page
-        self.k = [torch.zeros(tokens, heads, HEAD_DIM, dtype=torch.int32) for _ in range(LAYERS)]
-        self.v = [torch.zeros(tokens, heads, HEAD_DIM, dtype=torch.int32) for _ in range(LAYERS)]
+        self.pools = Pools(family, (rank, size), pp)
         if role == "prefill":
-            for layer in range(LAYERS):
-                self.k[layer].copy_(pattern(layer, 0, range(tokens), self.heads))
-                self.v[layer].copy_(pattern(layer, 1, range(tokens), self.heads))
+            self.pools.fill()
         self.meta = MetadataBuffers(AUX_ROWS, 16, torch.float32, 16)
         args = self.classes[KVClassType.KVARGS]()
-        bufs = [*self.k, *self.v]
         args.engine_rank = rank
-        args.kv_data_ptrs = [b.data_ptr() for b in bufs]
-        args.kv_data_lens = [b.nbytes for b in bufs]
-        args.kv_item_lens = [b[0].nbytes * PAGE_SIZE for b in bufs]
-        args.kv_layer_ids = list(range(LAYERS)) * 2
+        self.pools.fill_kv_args(args)
         args.kv_cache_dtype_str = "auto"
         args.page_size = PAGE_SIZE
-        args.pp_rank, args.prefill_start_layer, args.system_dp_rank = 0, 0, 0
+        args.pp_rank, args.system_dp_rank = pp[0], 0
         args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens = self.meta.get_buf_infos()
-        args.state_types, args.state_data_ptrs, args.state_data_lens, args.state_item_lens = [], [], [], []
         args.ib_device, args.gpu_id = None, 0
-        args.kv_head_num, args.total_kv_head_num = heads, HEADS
         server_args = types.SimpleNamespace(
-            tp_size=size, dp_size=1, pp_size=1, host="127.0.0.1", disaggregation_bootstrap_port=bootstrap_port
+            tp_size=size,
+            dp_size=1,
+            pp_size=pp[1],
+            host="127.0.0.1",
+            disaggregation_bootstrap_port=bootstrap_port,
         )
+        if pp[1] > 1:  # no model on disk here: SGLang's ModelConfig says what its config.json would
+            from sglang.srt.configs.model_config import ModelConfig
+
+            config = types.SimpleNamespace(num_hidden_layers=self.pools.layers)
+            ModelConfig.from_server_args = staticmethod(lambda server_args, **kw: config)
         mode = DisaggregationMode.PREFILL if role == "prefill" else DisaggregationMode.DECODE
-        self.mgr = self.classes[KVClassType.MANAGER](args, mode, server_args, False)
+        self.mgr = self.classes[KVClassType.MANAGER](args, mode, server_args, family == "mla")
         return type(self.mgr).__module__ + "." + type(self.mgr).__name__
 
     def class_names(self) -> dict[str, str]:
@@ -161,15 +152,32 @@ class SchedulerRank:
         tx.init(math.ceil((tokens - prefix) / PAGE_SIZE), aux)
         return int(prefix)
 
-    def chunk(self, room: int, pages: list[int], last: bool) -> bool:
-        """One chunk the way SGLang's ``send_kv_chunk`` does it; False if it was skipped."""
+    def chunk(self, room: int, pages: list[int], last: bool, slot: int | None = None) -> bool:
+        """One chunk the way SGLang's ``send_kv_chunk`` does it; False if it was skipped.
+
+        ``slot``: the request's mamba state slot, sent with the last chunk as SGLang's
+        ``_mamba_payload`` gives it (one list per ``KVArgs.state_types`` entry).
+        """
         import numpy as np
 
         tx = self.requests[room]
         if not tx.should_send_kv_chunk(len(pages), last):
             return False
-        tx.send(np.asarray(pages, dtype=np.int32), None, num_kv_tokens=len(pages) * PAGE_SIZE)
+        state = self._state_indices(slot) if last else None
+        tx.send(np.asarray(pages, dtype=np.int32), state, num_kv_tokens=len(pages) * PAGE_SIZE)
         return True
+
+    def _state_indices(self, slot: int | None) -> list[Any] | None:
+        import numpy as np
+
+        if slot is None or not self.mgr.kv_args.state_types:
+            return None
+        return [[np.asarray([slot], dtype=np.int64)]]
+
+    def posted(self, room: int) -> int:
+        """Bytes this prefill rank's WRITEs for the room moved (before ``clear``)."""
+        plan = self.mgr.kv.side.send_plans.get(room)
+        return int(plan.bytes_posted) if plan is not None else -1
 
     def metric(self, room: int) -> dict[str, Any]:
         m = self.requests[room].get_transfer_metric()
@@ -177,7 +185,9 @@ class SchedulerRank:
 
     # -- decode ------------------------------------------------------------------
 
-    def receiver(self, room: int, addr: str, dst: list[int], aux: int, prefix_tokens: int = 0) -> None:
+    def receiver(
+        self, room: int, addr: str, dst: list[int], aux: int, prefix_tokens: int = 0, slot: int | None = None
+    ) -> None:
         import numpy as np
         from sglang.srt.disaggregation.utils import KVClassType
 
@@ -189,25 +199,27 @@ class SchedulerRank:
         rx = self.classes[KVClassType.RECEIVER](mgr=self.mgr, bootstrap_addr=addr, bootstrap_room=room)
         rx.init(0)
         self.meta.clear_slot(aux)
-        rx.send_metadata(np.asarray(dst, dtype=np.int32), aux, None, decode_prefix_len=prefix_tokens)
+        state = self._state_indices(slot)
+        rx.send_metadata(np.asarray(dst, dtype=np.int32), aux, state, decode_prefix_len=prefix_tokens)
         self.requests[room] = rx
 
     def holds(self, dst: list[int], src: list[int]) -> bool:
-        """Decode pages ``dst`` hold prefill pages ``src`` for every head (K and V of every layer)."""
-        import torch
+        """Decode pages ``dst`` hold prefill pages ``src`` for every head of every KV buffer."""
+        return not self.pools.holds(dst, src)
 
-        heads = list(range(HEADS))
-        for layer in range(LAYERS):
-            for kind, bufs in ((0, self.k), (1, self.v)):
-                for d, s in zip(dst, src, strict=True):
-                    got = bufs[layer][d * PAGE_SIZE : (d + 1) * PAGE_SIZE]
-                    want = pattern(layer, kind, range(s * PAGE_SIZE, (s + 1) * PAGE_SIZE), heads)
-                    if not torch.equal(got, want):
-                        return False
-        return True
+    def state_holds(self, dst: int, src: int) -> list[str]:
+        """State tensors whose slot ``dst`` differs from prefill's slot ``src`` (empty: all landed)."""
+        return self.pools.state_holds(dst, src)
+
+    def state_zero(self, slot: int) -> bool:
+        return self.pools.state_zero(slot)
 
     def untouched(self, pages: list[int]) -> bool:
-        return all(bool((b[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] == 0).all()) for b in self.k for p in pages)
+        return all(
+            bool((t[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] == 0).all())
+            for _, _, t, _ in self.pools.kv
+            for p in pages
+        )
 
     def aux(self, row: int) -> tuple[int, int]:
         return int(self.meta.bootstrap_room[row][0]), int(self.meta.output_ids[row][0])
@@ -309,19 +321,3 @@ class SchedulerRank:
 
     def live_rooms(self) -> int:
         return len(self.mgr.kv.table.live_rooms())
-
-
-def _serve(conn: Connection) -> None:
-    from kvroom.demo.nodes import die_with_parent
-
-    die_with_parent()
-    server = SchedulerRank()
-    while True:
-        try:
-            method, args, kwargs = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send(("ok", getattr(server, method)(*args, **kwargs)))
-        except Exception as exc:
-            conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
