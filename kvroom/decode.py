@@ -141,7 +141,10 @@ class DecodeSide(DecodeStaging):
                 peer.last_ping = now
             silent = now - peer.last_heard
             if silent > cfg.heartbeat_timeout:
-                what = "did not answer" if peer.agent is None else "went silent"
+                what = "went silent"
+                if peer.agent is None:
+                    keyed = " (or refused our key, or has another key)" if cfg.keys is not None else ""
+                    what = f"did not answer{keyed}"
                 self.peer_lost(
                     peer, PeerLostError(f"prefill at {peer.address} {what} for {silent:.1f} s"), now
                 )
@@ -193,7 +196,7 @@ class DecodeSide(DecodeStaging):
             return peer
         now = self.m.clock()
         try:
-            client = ControlClient(self.m._ctx, address, self.m.config.max_message_bytes)
+            client = ControlClient(self.m._ctx, address, self.m.config.max_message_bytes, self.m.config.keys)
         except (ValueError, zmq.ZMQError) as exc:
             self.m.table.fire(
                 room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address {address}: {exc}")
