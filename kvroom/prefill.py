@@ -178,6 +178,9 @@ class PrefillSide:
             reason = f"this prefill stalled for {paused:.1f} s; its decode peers may have declared it lost"
             for peer in list(self.peers.values()):
                 self.peer_lost(peer, PeerLostError(reason), now)
+        refused = self.server.count_refusals()
+        if refused:
+            self.m.log.warning("kvroom.handshakes_refused", count=refused, total=self.server.refused)
         for _ in range(256):
             got = self.server.recv()
             if got is None:
@@ -244,6 +247,8 @@ class PrefillSide:
         """Worker: apply transfer info that arrived before the room existed."""
         for identity, msg, _born in self.pending.pop(room.id, ()):
             peer = self.peers.get(identity)
+            if peer is None and self.auth is not None:
+                continue  # it left (and its pending infos with it): nothing to authenticate against
             self._on_message(identity, msg, self.m.clock(), peer.principal if peer is not None else None)
 
     def on_transition(self, record: TransitionRecord) -> None:

@@ -94,10 +94,11 @@ class ControlServer:
     @property
     def refused(self) -> int:
         """Handshakes refused so far (untrusted key, plain text, wrong server key); 0 without auth."""
-        if self.handshakes is None:
-            return 0
-        self.handshakes.drain()
-        return self.handshakes.failed
+        return self.handshakes.failed if self.handshakes is not None else 0
+
+    def count_refusals(self) -> int:
+        """Worker: read the socket monitor (so its queue never fills); new refusals since the last call."""
+        return self.handshakes.drain() if self.handshakes is not None else 0
 
     def recv(self) -> tuple[bytes, str | None, Message | ProtocolError] | None:
         """One message if any is waiting: (routing identity, authenticated key or None, message or error)."""
