@@ -120,6 +120,13 @@ class DecodeSide(DecodeStaging):
     def step(self, ready: dict[Any, int], now: float) -> None:
         """Messages, notifications, heartbeats, rooms waiting for staging space."""
         for peer in list(self.peers.values()):
+            if peer.agent is None and peer.client.refused():
+                refused = IncompatiblePeerError(
+                    f"prefill at {peer.address} refused our CURVE key: add this decode's public key "
+                    "to its trusted keys"
+                )
+                self._drop_peer(peer, refused, now)
+                continue
             for _ in range(256):
                 msg = peer.client.recv()
                 if msg is None:

@@ -22,7 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from kvroom import CurveKeys, KVManager, KVPoll, KVReceiver, KVSender, ManagerConfig, PeerLostError
+from kvroom import (
+    CurveKeys,
+    IncompatiblePeerError,
+    KVManager,
+    KVPoll,
+    KVReceiver,
+    KVSender,
+    ManagerConfig,
+    PeerLostError,
+)
 from kvroom.cli import main as kvroom_main
 from kvroom.transport.auth import generate_keys, is_loopback
 from kvroom.transport.codec import MAGIC, encode
@@ -195,15 +204,31 @@ def test_unauthenticated_or_wrongly_keyed_clients_get_nothing_and_create_nothing
             sock.close()
 
 
-def test_a_decode_with_an_untrusted_key_fails_its_room_and_learns_nothing(env: Managers) -> None:
-    config = keyed(decode_keys(X_PUB, X_SEC))
-    with KVManager("decode", make_pool(), config=config, audit=False) as x:
+@pytest.mark.parametrize(
+    ("keys", "error", "reason"),
+    [
+        pytest.param(
+            decode_keys(X_PUB, X_SEC), IncompatiblePeerError, "refused our CURVE key", id="untrusted"
+        ),
+        pytest.param(
+            CurveKeys(A_PUB, A_SEC, frozenset({X_PUB})),
+            PeerLostError,
+            "refused our key",
+            id="other-server-key",
+        ),
+    ],
+)
+def test_a_decode_with_a_wrong_key_fails_its_room_and_learns_nothing(
+    env: Managers, keys: CurveKeys, error: type[Exception], reason: str
+) -> None:
+    with KVManager("decode", make_pool(), config=keyed(keys), audit=False) as x:
         rx = KVReceiver(x, env.p.bootstrap_addr, 4242)
         rx.init()
         rx.send_metadata([0])
         assert wait(lambda: rx.poll() is KVPoll.Failed, timeout=FAST.heartbeat_timeout + 3)
-        with pytest.raises(PeerLostError, match="refused our key"):
+        with pytest.raises(error, match=reason):
             rx.failure_exception()
+        assert not x.side.by_agent  # no prefill metadata reached it
     assert env.p.table.get(4242) is None and env.p.snapshot()["pending_infos"] == 0
 
 

@@ -211,10 +211,14 @@ _FAILED = (
 
 
 class HandshakeCounter:
-    """Counts failed handshakes on a socket through its monitor (worker thread only)."""
+    """Counts failed handshakes on a socket through its monitor (worker thread only).
 
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
-        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(_FAILED)
+    ``events``: which failures count (by default every kind; a client watches
+    only ``EVENT_HANDSHAKE_FAILED_AUTH``, the server's refusal of its key).
+    """
+
+    def __init__(self, sock: zmq.Socket[Any], events: int = _FAILED) -> None:
+        self.monitor: zmq.Socket[Any] = sock.get_monitor_socket(events)
         self.failed = 0
 
     def drain(self) -> int:

@@ -151,13 +151,22 @@ class ControlClient:
         self.address = address
         self.max_bytes = max_bytes
         self.socket = _socket(ctx, zmq.DEALER, max_bytes)
+        self.refusals: HandshakeCounter | None = None
         if keys is not None:
             try:
                 secure_client(self.socket, keys, address)
             except ValueError:
                 self.socket.close(linger=0)
                 raise
+            self.refusals = HandshakeCounter(self.socket, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.socket.connect(f"tcp://{host}:{port}")
+
+    def refused(self) -> bool:
+        """True once the server refused our key (its ZAP handler said no); worker thread only."""
+        if self.refusals is None:
+            return False
+        self.refusals.drain()
+        return self.refusals.failed > 0
 
     def recv(self) -> Message | ProtocolError | None:
         """One message if any is waiting (or the decode error)."""
@@ -180,4 +189,6 @@ class ControlClient:
 
     def close(self) -> None:
         """Close the socket."""
+        if self.refusals is not None:
+            self.refusals.close()
         self.socket.close(linger=0)
