@@ -148,6 +148,8 @@ def test_kvroom_keys_writes_a_0600_pair_that_loads(
         CurveKeys.load(tmp_path / "prefill.key_secret", tmp_path / "empty")
     with pytest.raises(ValueError, match="cannot read CURVE key file"):
         CurveKeys.load(tmp_path / "prefill.key_secret", tmp_path / "missing.key")
+    assert P_SEC.decode() not in repr(PREFILL_KEYS)  # a config printed in a log shows no secret
+    assert hash(keyed(PREFILL_KEYS)) == hash(keyed(dataclasses.replace(PREFILL_KEYS)))
     with pytest.raises(ValueError, match="does not belong"):
         CurveKeys(P_PUB, A_SEC, frozenset({A_PUB}))
     with pytest.raises(ValueError, match="none is named for"):

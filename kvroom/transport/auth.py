@@ -119,6 +119,9 @@ class CurveKeys:
         by_address = {a: _read(f)[0] for a, f in (servers or {}).items()}
         return cls(public, secret, frozenset(keys), by_address)
 
+    def __hash__(self) -> int:
+        return hash((self.public, self.trusted, tuple(sorted(self.servers.items()))))
+
     def server_key(self, address: str) -> bytes:
         """Decode: the public key the prefill at ``address`` must prove (ValueError if unknown)."""
         key = self.servers.get(address)
