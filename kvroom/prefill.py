@@ -599,9 +599,8 @@ class PrefillSide:
         agent = msg.fields["agent"]
         principal = user if user is not None else agent
         old = self.peers.get(identity) or self.by_agent.get(agent)
-        if (
-            self.auth is not None and old is not None and old.principal != principal
-        ):  # a name is no credential
+        # with keys an agent name is no credential: another key may not take it over
+        if self.auth is not None and old is not None and old.principal != principal:
             self.m.log.warning("kvroom.peer_rejected", peer=agent, reason="agent name of another key")
             self.server.send(identity, "reject", {"reason": f"agent {agent} belongs to another peer"})
             return
