@@ -10,7 +10,8 @@ Three things deliberately outlive a room, each bounded:
 * draining transfers of a failed room: NIXL cannot cancel a WRITE, so its
   handle is polled until DONE (or the peer is lost) and released, and only then
   is the decode side told ``failed``: decode frees its pages on that word.
-* tombstones of failed rooms, so late transfer info for them is answered at once.
+* tombstones of failed rooms, so late transfer info for them is answered at once
+  (:mod:`kvroom.tombstones`; an abort's tombstone holds only for its sender).
 
 Who may act on a room (the decode *principal*: its authenticated CURVE key
 with ``ManagerConfig.keys``, else its agent name): a room is bound to the
@@ -51,6 +52,7 @@ from kvroom.planning import PairRoute, RankRegions, align_chunk, route, stage_en
 from kvroom.protocol import Input, Outcome, PrefillVerdict
 from kvroom.protocol.verdicts import Verdicts, fire_actions
 from kvroom.shares import ChunkWrite, direct_writes, staged_writes
+from kvroom.tombstones import Tombstones
 from kvroom.transport.auth import ServerAuth
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlServer
@@ -149,10 +151,7 @@ class PrefillSide:
         self.pending: collections.OrderedDict[int, list[tuple[bytes, Message, float]]] = (
             collections.OrderedDict()
         )
-        # room id -> (reason, expiry, principals it holds for: None = everyone)
-        self.tombstones: collections.OrderedDict[int, tuple[str, float, frozenset[str] | None]] = (
-            collections.OrderedDict()
-        )
+        self.tombstones = Tombstones(cfg.pending_limit, cfg.pending_ttl)
         self.active: list[Transfer] = []
         self.draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]] = {}
 
@@ -213,8 +212,7 @@ class PrefillSide:
             del self.pending[room_id]
             for identity, _msg, _born in entries:
                 self._send_failed(identity, room_id, "no prefill request with this room id")
-        while self.tombstones and next(iter(self.tombstones.values()))[1] < now:
-            self.tombstones.popitem(last=False)
+        self.tombstones.expire(now)
 
     def snapshot(self) -> dict[str, Any]:
         """Operator counters."""
@@ -277,25 +275,10 @@ class PrefillSide:
             if peer is not None:
                 self.server.send(peer.identity, "commit", {"room": room_id})
 
-    def _tombstone(self, room_id: int, reason: str, now: float, principal: str | None = None) -> None:
-        """Remember a failed or aborted room id, bounded by age and count (``pending_limit``).
-
-        ``principal``: the room is dead only for that decode (its abort of a
-        room no one bound), else for everyone.
-        """
-        old = self.tombstones.get(room_id)
-        who: frozenset[str] | None = None if principal is None else frozenset({principal})
-        if old is not None and who is not None:
-            who = None if old[2] is None else old[2] | who
-        self.tombstones[room_id] = (reason, now + self.m.config.pending_ttl, who)
-        self.tombstones.move_to_end(room_id)
-        while len(self.tombstones) > self.m.config.pending_limit:
-            self.tombstones.popitem(last=False)
-
     def _after_failure(
         self, room_id: int, peers: tuple[str, ...], reason: str, transfers: list[Transfer]
     ) -> None:
-        self._tombstone(room_id, reason, self.m.clock())
+        self.tombstones.add(room_id, reason, self.m.clock())
         peers = tuple(p for p in peers if p in self.by_agent)  # a lost peer needs no word
         if not peers:
             return
@@ -530,18 +513,6 @@ class PrefillSide:
 
     # -- control messages -------------------------------------------------------
 
-    def _tomb_for(self, room_id: int, peer: DecodePeer, held_only: bool = False) -> str | None:
-        """The reason ``room_id`` is dead for ``peer`` (None: it is not).
-
-        ``held_only``: only ``peer``'s own abort counts (for a live room of that id).
-        """
-        tomb = self.tombstones.get(room_id)
-        if tomb is None or (tomb[2] is None and held_only):
-            return None
-        if tomb[2] is not None and peer.principal not in tomb[2]:
-            return None
-        return tomb[0]
-
     def _may_act(self, room: Room, peer: DecodePeer) -> bool:
         """Whether ``peer`` may act on ``room``: bound to it, or a rank the room may still take."""
         if peer.agent in room.peers:
@@ -644,7 +615,9 @@ class PrefillSide:
             return
         info = info_or_reason
         room = self.m.table.get(room_id)
-        held = self._tomb_for(room_id, peer, held_only=True) if room is not None else None
+        held = (
+            self.tombstones.reason_for(room_id, peer.principal, held_only=True) if room is not None else None
+        )
         if room is not None and held is not None and peer.agent not in room.peers:
             # its own abort arrived before anyone bound the room: the abort applies now
             self.react(room, Input.ABORT, peer.agent, reason=held, error=RemoteFailureError(held))
@@ -655,7 +628,7 @@ class PrefillSide:
             self._send_failed(identity, room_id, f"room {room_id} is bound to another decode peer")
             return
         if room is None:
-            tomb = self._tomb_for(room_id, peer)
+            tomb = self.tombstones.reason_for(room_id, peer.principal)
             if tomb is not None:
                 self._send_failed(identity, room_id, tomb)
                 return
@@ -754,7 +727,7 @@ class PrefillSide:
         room_id, reason = msg.fields["room"], f"aborted by decode: {msg.fields['reason']}"
         room = self.m.table.get(room_id)
         if room is not None and self.auth is not None and not room.peers:
-            self._tombstone(room_id, reason, now, peer.principal)  # held until its page list
+            self.tombstones.add(room_id, reason, now, peer.principal)  # held until its page list
             self.m.log.info("kvroom.abort_held", peer=peer.agent, room=room_id)
         elif room is not None and not self._may_act(room, peer):
             self._foreign(peer, "abort", room_id)
@@ -770,5 +743,5 @@ class PrefillSide:
             entries = [e for e in self.pending.pop(room_id, []) if e[0] != peer.identity]
             if entries:
                 self.pending[room_id] = entries
-            self._tombstone(room_id, reason, now, peer.principal)
+            self.tombstones.add(room_id, reason, now, peer.principal)
         self._send_failed(peer.identity, room_id, reason)
