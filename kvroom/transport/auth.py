@@ -32,9 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils.monitor import recv_monitor_message
+import zmq.auth.certs
 
 __all__ = [
     "CurveKeys",
@@ -108,7 +106,7 @@ class CurveKeys:
             raise ValueError(f"{key_file} holds no secret key (pass the .key_secret file)")
         if isinstance(trusted, (str, os.PathLike)) and Path(trusted).is_dir():
             try:
-                keys = set(zmq.auth.load_certificates(trusted))
+                keys = set(zmq.auth.certs.load_certificates(trusted))
             except (OSError, ValueError) as exc:
                 raise ValueError(f"cannot read trusted keys in {trusted}: {exc}") from None
             if not keys:
@@ -137,7 +135,7 @@ class CurveKeys:
 
 def _read(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
     try:
-        return zmq.auth.load_certificate(path)
+        return zmq.auth.certs.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read CURVE key file {path}: {exc}") from None
 
@@ -156,7 +154,7 @@ def generate_keys(directory: str | os.PathLike[str], name: str = "kvroom") -> tu
         raise ValueError(f"{public} or {secret} exists already; choose another --name or directory")
     old = os.umask(0o177)  # created 0600: the secret is never readable by others, even briefly
     try:
-        made = zmq.auth.create_certificates(folder, name)
+        made = zmq.auth.certs.create_certificates(folder, name)
     finally:
         os.umask(old)
     for path in made:
@@ -226,6 +224,8 @@ class HandshakeCounter:
 
     def drain(self) -> int:
         """Read pending monitor events; returns how many handshakes failed since the last call."""
+        from zmq.utils.monitor import recv_monitor_message
+
         n = 0
         while True:
             try:
@@ -245,6 +245,8 @@ class ServerAuth:
     """Prefill: CURVE server options plus the context's ZAP authenticator."""
 
     def __init__(self, ctx: zmq.Context[Any], keys: CurveKeys) -> None:
+        from zmq.auth.thread import ThreadAuthenticator  # imports asyncio: only where keys are used
+
         self.keys = keys
         self.admit = _Admit(keys.trusted)
         self.authenticator = ThreadAuthenticator(ctx)
