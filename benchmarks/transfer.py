@@ -12,7 +12,10 @@ succeeds (no polling loop of their own competes with the transfers).  One run
 measures every ``--chunks`` workload (default: 4 chunks a room, then 1), each
 side by side with raw NIXL.  Prints a table, or one JSON object with ``--json``.
 
-    python benchmarks/transfer.py [--json] [--rooms N] [--pages N] [--page-kib N] [--chunks 4,1]
+    python benchmarks/transfer.py [--json] [--rooms N] [--pages N] [--page-kib N] [--chunks 4,1] [--keys]
+
+``--keys`` runs kvroom's control plane authenticated (fresh CURVE pairs, as
+``ManagerConfig.keys``); the raw NIXL script is the same either way.
 
 With ``--model NAME`` (a preset of :mod:`kvroom.presets`, or ``all``) the
 pools are the preset's buffers as regions and the raw script posts the
@@ -33,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zmq
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Shape:
     page_bytes: int
     chunks: int
     env: tuple[tuple[str, str], ...] = ()
+    keys: tuple[bytes, bytes, bytes, bytes] | None = None  # prefill pair, decode pair (z85)
 
     @property
     def total_pages(self) -> int:
@@ -66,6 +71,17 @@ def _pool(shape: Shape) -> Any:
 
     layer = torch.zeros(shape.total_pages, shape.page_bytes, dtype=torch.uint8)
     return KVPool([layer], torch.zeros(shape.rooms, 64, dtype=torch.uint8))
+
+
+def _config(shape: Shape, role: str) -> Any:
+    """kvroom's config for ``role``: CURVE keys when the shape has them."""
+    from kvroom import CurveKeys, ManagerConfig
+
+    if shape.keys is None:
+        return ManagerConfig()
+    p_pub, p_sec, d_pub, d_sec = shape.keys
+    mine, theirs = ((p_pub, p_sec), d_pub) if role == "prefill" else ((d_pub, d_sec), p_pub)
+    return ManagerConfig(keys=CurveKeys(*mine, frozenset({theirs})))
 
 
 def _die_with_parent(shape: Shape) -> None:
@@ -109,7 +125,9 @@ def kvroom_prefill(conn: Connection, shape: Shape) -> None:
     from kvroom import KVManager, KVPoll, KVSender
 
     finished = Finished(shape.rooms)
-    manager = KVManager("prefill", _pool(shape), observer=finished, audit=False)
+    manager = KVManager(
+        "prefill", _pool(shape), config=_config(shape, "prefill"), observer=finished, audit=False
+    )
     manager.pool.layers[0].random_(0, 255)
     conn.send(manager.bootstrap_addr)
     conn.recv()  # decode sent every page list
@@ -137,7 +155,9 @@ def kvroom_decode(conn: Connection, shape: Shape, addr: str) -> None:
     from kvroom import KVManager, KVPoll, KVReceiver
 
     finished = Finished(shape.rooms)
-    manager = KVManager("decode", _pool(shape), observer=finished, audit=False)
+    manager = KVManager(
+        "decode", _pool(shape), config=_config(shape, "decode"), observer=finished, audit=False
+    )
     dst = page_lists(shape, 2)
     receivers = []
     for room in range(shape.rooms):
@@ -303,13 +323,17 @@ def main() -> None:
     parser.add_argument("--chunks", default="4,1", help="chunks a room, one workload each (default 4,1)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each; the best counts")
     parser.add_argument("--tcp", action="store_true", help="UCX_TLS=tcp for both (as between hosts)")
+    parser.add_argument("--keys", action="store_true", help="authenticate kvroom's control plane (CURVE)")
     args = parser.parse_args()
+    keys = (*zmq.curve_keypair(), *zmq.curve_keypair()) if args.keys else None
     env = (("UCX_TLS", "tcp"),) if args.tcp else ()
     if args.model:
+        if args.keys:
+            parser.error("--keys measures the opaque-page workloads; leave out --model")
         run_presets(args, env)
         return
     shapes = [
-        Shape(args.rooms or 256, args.pages or 64, args.page_kib << 10, int(c), env)
+        Shape(args.rooms or 256, args.pages or 64, args.page_kib << 10, int(c), env, keys)
         for c in args.chunks.split(",")
     ]
     for shape in shapes:
@@ -318,6 +342,7 @@ def main() -> None:
     results = [measure(shape, args.rounds) for shape in shapes]
     out = {
         "transport": "tcp" if args.tcp else "default",
+        "keys": bool(args.keys),
         # the first workload's figures at the top level, as before
         **{k: v for k, v in results[0].items() if k != "seconds"},
         "workloads": results,

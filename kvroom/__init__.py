@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from kvroom.planning import ModelLayout, RankLayout, RankRegions
     from kvroom.receiver import KVReceiver
     from kvroom.sender import KVSender
+    from kvroom.transport.auth import CurveKeys
     from kvroom.transport.layout import KVPool
     from kvroom.transport.regions import Region, RegionPool
 
@@ -44,6 +45,7 @@ _LAZY = {
     "RankLayout": "kvroom.planning",
     "RankRegions": "kvroom.planning",
     "ManagerConfig": "kvroom.config",
+    "CurveKeys": "kvroom.transport.auth",
     "AuditObserver": "kvroom.audit",
     "json_lines_logger": "kvroom.audit",
 }
@@ -70,6 +72,7 @@ __all__ = [
     "Region",
     "RegionPool",
     "ManagerConfig",
+    "CurveKeys",
     "AuditObserver",
     "json_lines_logger",
     "KVPoll",

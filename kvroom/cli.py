@@ -1,4 +1,4 @@
-"""The ``kvroom`` command: ``demo``, ``audit`` and ``diagrams``."""
+"""The ``kvroom`` command: ``demo``, ``audit``, ``diagrams`` and ``keys``."""
 
 from __future__ import annotations
 
@@ -32,6 +32,19 @@ def _audit(args: argparse.Namespace) -> int:
     return audit_main(args.log, as_json=args.json)
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from kvroom.transport.auth import generate_keys
+
+    try:
+        public, secret = generate_keys(args.dir, args.name)
+    except (ValueError, OSError) as exc:
+        print(f"kvroom keys: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {public} (public: give it to the peers that must accept this process)")
+    print(f"wrote {secret} (secret, mode 0600: keep it here)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from kvroom.demo import run_demo
 
@@ -59,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log", help="JSON-lines audit log written by kvroom")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
     p.set_defaults(func=_audit)
+
+    p = sub.add_parser("keys", help="generate a CURVE key pair for the authenticated control plane")
+    p.add_argument("dir", help="directory to write NAME.key (public) and NAME.key_secret (0600) into")
+    p.add_argument("--name", default="kvroom", help="file name of the pair (default: kvroom)")
+    p.set_defaults(func=_keys)
 
     p = sub.add_parser("demo", help="move KV pages between real prefill and decode processes")
     from kvroom.demo.options import add_demo_arguments

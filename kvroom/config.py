@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kvroom.fsm import Deadlines
+from kvroom.transport.auth import CurveKeys
 
 __all__ = ["ManagerConfig"]
 
@@ -15,6 +16,12 @@ class ManagerConfig:
 
     ``heartbeat_timeout`` bounds how long a dead or hung peer can hold rooms:
     its rooms fail after that many seconds without a word from it.
+
+    ``keys``: this process's CURVE key pair and the peer keys it accepts
+    (:class:`~kvroom.transport.auth.CurveKeys`); with them the control plane
+    authenticates every peer before anything is exchanged.  Without them a
+    prefill refuses to listen on a non-loopback ``host`` unless
+    ``allow_unauthenticated`` is set (logged as a warning at start).
     """
 
     deadlines: Deadlines = field(default_factory=Deadlines)
@@ -29,6 +36,8 @@ class ManagerConfig:
     # "direct": never stage (per-token descriptors where slices interleave); "staging": always stage
     transfer_mode: str = "auto"
     staging_chunk_pages: int = 16  # pages per staging reservation
+    keys: CurveKeys | None = None
+    allow_unauthenticated: bool = False
 
     @property
     def stall_threshold(self) -> float:
@@ -51,5 +60,7 @@ class ManagerConfig:
             raise ValueError(
                 f"transfer_mode must be 'auto', 'direct' or 'staging', got {self.transfer_mode!r}"
             )
+        if self.keys is not None and not isinstance(self.keys, CurveKeys):
+            raise TypeError(f"keys must be a CurveKeys, got {type(self.keys).__name__}")
         if self.staging_chunk_pages <= 0:
             raise ValueError("staging_chunk_pages must be positive")

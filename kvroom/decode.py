@@ -120,6 +120,13 @@ class DecodeSide(DecodeStaging):
     def step(self, ready: dict[Any, int], now: float) -> None:
         """Messages, notifications, heartbeats, rooms waiting for staging space."""
         for peer in list(self.peers.values()):
+            if peer.agent is None and peer.client.refused():
+                refused = IncompatiblePeerError(
+                    f"prefill at {peer.address} refused our CURVE key: add this decode's public key "
+                    "to its trusted keys"
+                )
+                self._drop_peer(peer, refused, now)
+                continue
             for _ in range(256):
                 msg = peer.client.recv()
                 if msg is None:
@@ -141,7 +148,10 @@ class DecodeSide(DecodeStaging):
                 peer.last_ping = now
             silent = now - peer.last_heard
             if silent > cfg.heartbeat_timeout:
-                what = "did not answer" if peer.agent is None else "went silent"
+                what = "went silent"
+                if peer.agent is None:
+                    keyed = " (or refused our key, or has another key)" if cfg.keys is not None else ""
+                    what = f"did not answer{keyed}"
                 self.peer_lost(
                     peer, PeerLostError(f"prefill at {peer.address} {what} for {silent:.1f} s"), now
                 )
@@ -193,7 +203,7 @@ class DecodeSide(DecodeStaging):
             return peer
         now = self.m.clock()
         try:
-            client = ControlClient(self.m._ctx, address, self.m.config.max_message_bytes)
+            client = ControlClient(self.m._ctx, address, self.m.config.max_message_bytes, self.m.config.keys)
         except (ValueError, zmq.ZMQError) as exc:
             self.m.table.fire(
                 room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address {address}: {exc}")

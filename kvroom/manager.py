@@ -39,6 +39,7 @@ from kvroom.fsm import (
 )
 from kvroom.fsm.room import Room
 from kvroom.planning import RankRegions, from_kv_pool
+from kvroom.transport.auth import require_auth
 from kvroom.transport.control import parse_addresses
 from kvroom.transport.layout import KVPool
 from kvroom.transport.nixl import NixlAgent, unique_agent_name
@@ -147,6 +148,8 @@ class KVManager:
         self._stopping = threading.Event()
         self.stall = StallWatch(self.config.heartbeat_interval, clock())
         self._fatal: BaseException | None = None
+        if self.role is Role.SENDER:
+            require_auth(self.config.host, self.config.keys, self.config.allow_unauthenticated, self.log)
         self._ctx: zmq.Context[Any] = zmq.Context()
         self.agent = NixlAgent(self.agent_name, self._registered_regions(), self.config.backends)
         try:

@@ -10,7 +10,19 @@ Three things deliberately outlive a room, each bounded:
 * draining transfers of a failed room: NIXL cannot cancel a WRITE, so its
   handle is polled until DONE (or the peer is lost) and released, and only then
   is the decode side told ``failed``: decode frees its pages on that word.
-* tombstones of failed rooms, so late transfer info for them is answered at once.
+* tombstones of failed rooms, so late transfer info for them is answered at once
+  (:mod:`kvroom.tombstones`; an abort's tombstone holds only for its sender).
+
+Who may act on a room (the decode *principal*: its authenticated CURVE key
+with ``ManagerConfig.keys``, else its agent name): a room is bound to the
+decode ranks whose page lists it took.  An abort, vote, commit or page list
+for a room bound to another principal is ignored, logged
+(``kvroom.foreign_room_message``) and counted; a page list is also answered
+FAILED so its sender does not wait.  A room still waiting for page lists may
+take more ranks: with keys only ranks of a principal already bound (or the
+first), without keys any (as the rank count cannot be checked otherwise).  With
+keys, an abort for a room no rank bound yet is held against its sender only:
+that sender's page list for it is refused later.
 
 A room is bound to every decode rank (``infos_needed`` of them: decode's TP
 x PP size, or the sender's ``required_dst_info_num``).  What this rank writes
@@ -40,6 +52,8 @@ from kvroom.planning import PairRoute, RankRegions, align_chunk, route, stage_en
 from kvroom.protocol import Input, Outcome, PrefillVerdict
 from kvroom.protocol.verdicts import Verdicts, fire_actions
 from kvroom.shares import ChunkWrite, direct_writes, staged_writes
+from kvroom.tombstones import Tombstones
+from kvroom.transport.auth import ServerAuth
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlServer
 from kvroom.transport.descriptors import IntArray, validate_pages
@@ -60,6 +74,7 @@ class DecodePeer:
 
     identity: bytes
     agent: str
+    principal: str  # who it is: its authenticated CURVE key (z85), or its agent name without keys
     rank: RankRegions  # its layout and regions
     route: PairRoute  # what this rank writes into it (empty: it only takes part in the verdict)
     staging: tuple[int, int]  # its staging ring: (base address, bytes)
@@ -110,8 +125,16 @@ class PrefillSide:
     def __init__(self, manager: KVManager, port: int) -> None:
         self.m = manager
         cfg = manager.config
-        self.server = ControlServer(manager._ctx, cfg.host, port, cfg.max_message_bytes)
+        self.auth = ServerAuth(manager._ctx, cfg.keys) if cfg.keys is not None else None
+        try:
+            self.server = ControlServer(manager._ctx, cfg.host, port, cfg.max_message_bytes, self.auth)
+        except BaseException:
+            if self.auth is not None:
+                self.auth.close()
+            raise
         self.address = self.server.address
+        self.foreign = 0  # room messages from peers the room is not bound to (ignored)
+        self.unauthenticated = 0  # frames without the authenticated key we expect (dropped)
         table = manager.table
         self.send_plans: RoomStore[SendPlan] = table.register_store(RoomStore("send_plans"))
         self.handles: RoomStore[list[Transfer]] = table.register_store(RoomStore("xfer_handles"))
@@ -128,7 +151,7 @@ class PrefillSide:
         self.pending: collections.OrderedDict[int, list[tuple[bytes, Message, float]]] = (
             collections.OrderedDict()
         )
-        self.tombstones: collections.OrderedDict[int, tuple[str, float]] = collections.OrderedDict()
+        self.tombstones = Tombstones(cfg.pending_limit, cfg.pending_ttl)
         self.active: list[Transfer] = []
         self.draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]] = {}
 
@@ -154,11 +177,14 @@ class PrefillSide:
             reason = f"this prefill stalled for {paused:.1f} s; its decode peers may have declared it lost"
             for peer in list(self.peers.values()):
                 self.peer_lost(peer, PeerLostError(reason), now)
+        refused = self.server.count_refusals()
+        if refused:
+            self.m.log.warning("kvroom.handshakes_refused", count=refused, total=self.server.refused)
         for _ in range(256):
             got = self.server.recv()
             if got is None:
                 break
-            self._on_message(got[0], got[1], now)
+            self._on_message(got[0], got[2], now, got[1])
         if self.active:
             self._poll_transfers(now)
         try:
@@ -186,8 +212,7 @@ class PrefillSide:
             del self.pending[room_id]
             for identity, _msg, _born in entries:
                 self._send_failed(identity, room_id, "no prefill request with this room id")
-        while self.tombstones and next(iter(self.tombstones.values()))[1] < now:
-            self.tombstones.popitem(last=False)
+        self.tombstones.expire(now)
 
     def snapshot(self) -> dict[str, Any]:
         """Operator counters."""
@@ -198,6 +223,11 @@ class PrefillSide:
             "in_flight": len(self.active),
             "draining_rooms": len(self.draining),
             "tombstones": len(self.tombstones),
+            "auth": "curve" if self.auth is not None else "none",
+            "refused_handshakes": self.server.refused,
+            "unknown_keys": self.auth.admit.unknown_keys if self.auth is not None else 0,
+            "unauthenticated_frames": self.unauthenticated,
+            "foreign_room_messages": self.foreign,
         }
 
     def close(self) -> None:
@@ -206,13 +236,18 @@ class PrefillSide:
             self.m.agent.release(t)
         self.active.clear()
         self.server.close()
+        if self.auth is not None:
+            self.auth.close()
 
     # -- room lifecycle (called from the manager / sender) -----------------------
 
     def adopt_pending(self, room: Room) -> None:
         """Worker: apply transfer info that arrived before the room existed."""
         for identity, msg, _born in self.pending.pop(room.id, ()):
-            self._on_message(identity, msg, self.m.clock())
+            peer = self.peers.get(identity)
+            if peer is None and self.auth is not None:
+                continue  # it left (and its pending infos with it): nothing to authenticate against
+            self._on_message(identity, msg, self.m.clock(), peer.principal if peer is not None else None)
 
     def on_transition(self, record: TransitionRecord) -> None:
         """Observer hook (room lock held): tell the decode ranks the verdict.
@@ -240,17 +275,10 @@ class PrefillSide:
             if peer is not None:
                 self.server.send(peer.identity, "commit", {"room": room_id})
 
-    def _tombstone(self, room_id: int, reason: str, now: float) -> None:
-        """Remember a failed or aborted room id, bounded by age and count (``pending_limit``)."""
-        self.tombstones[room_id] = (reason, now + self.m.config.pending_ttl)
-        self.tombstones.move_to_end(room_id)
-        while len(self.tombstones) > self.m.config.pending_limit:
-            self.tombstones.popitem(last=False)
-
     def _after_failure(
         self, room_id: int, peers: tuple[str, ...], reason: str, transfers: list[Transfer]
     ) -> None:
-        self._tombstone(room_id, reason, self.m.clock())
+        self.tombstones.add(room_id, reason, self.m.clock())
         peers = tuple(p for p in peers if p in self.by_agent)  # a lost peer needs no word
         if not peers:
             return
@@ -485,15 +513,41 @@ class PrefillSide:
 
     # -- control messages -------------------------------------------------------
 
-    def _on_message(self, identity: bytes, msg: Message | ProtocolError, now: float) -> None:
+    def _may_act(self, room: Room, peer: DecodePeer) -> bool:
+        """Whether ``peer`` may act on ``room``: bound to it, or a rank the room may still take."""
+        if peer.agent in room.peers:
+            return True
+        if self.auth is None:  # no identity beyond the agent: any rank may still join
+            return room.state is KVPoll.Bootstrapping
+        bound = {self.by_agent[a].principal for a in room.peers if a in self.by_agent}
+        return peer.principal in bound and room.state is KVPoll.Bootstrapping
+
+    def _foreign(self, peer: DecodePeer, kind: str, room_id: int) -> None:
+        """Log and count a message about a room bound to someone else; nothing else happens."""
+        self.foreign += 1
+        self.m.log.warning(
+            "kvroom.foreign_room_message",
+            peer=peer.agent,
+            principal=peer.principal,
+            message=kind,
+            room=room_id,
+        )
+
+    def _on_message(
+        self, identity: bytes, msg: Message | ProtocolError, now: float, user: str | None = None
+    ) -> None:
         peer = self.peers.get(identity)
+        if self.auth is not None and (user is None or (peer is not None and peer.principal != user)):
+            self.unauthenticated += 1  # never for a CURVE socket; kept as a second line of defence
+            self.m.log.warning("kvroom.unauthenticated_frame", identity=identity.hex(), user=user)
+            return
         if isinstance(msg, ProtocolError):
             self.m.log.warning(
                 "kvroom.bad_frame", peer=peer.agent if peer else identity.hex(), error=str(msg)
             )
             return
         if msg.type == "hello":
-            self._on_hello(identity, msg, now)
+            self._on_hello(identity, msg, now, user)
             return
         if peer is None:  # room traffic only from peers that completed the handshake
             self.server.send(identity, "unknown")  # e.g. one we declared lost while it was stalled
@@ -509,9 +563,18 @@ class PrefillSide:
             room = self.m.table.get(msg.fields["room"])
             if room is not None and peer.agent in room.peers:
                 self.react(room, Input.READY if msg.type == "ready" else Input.COMMIT, peer.agent)
+            elif room is not None:
+                self._foreign(peer, msg.type, room.id)
 
-    def _on_hello(self, identity: bytes, msg: Message, now: float) -> None:
+    def _on_hello(self, identity: bytes, msg: Message, now: float, user: str | None) -> None:
         agent = msg.fields["agent"]
+        principal = user if user is not None else agent
+        old = self.peers.get(identity) or self.by_agent.get(agent)
+        # with keys an agent name is no credential: another key may not take it over
+        if self.auth is not None and old is not None and old.principal != principal:
+            self.m.log.warning("kvroom.peer_rejected", peer=agent, reason="agent name of another key")
+            self.server.send(identity, "reject", {"reason": f"agent {agent} belongs to another peer"})
+            return
         try:
             rank = RankRegions.from_dict(msg.fields["rank"])
             self.m.regions.check_compatible(rank, agent)
@@ -537,12 +600,12 @@ class PrefillSide:
             )
             return
         staging = (msg.fields["staging_base"], msg.fields["staging_bytes"])
-        peer = DecodePeer(identity, agent, rank, pair, staging, now)
+        peer = DecodePeer(identity, agent, principal, rank, pair, staging, now)
         self.peers[identity] = peer
         self.by_agent[agent] = peer
         fields = {"agent": self.m.agent_name, "rank": self.m.regions.layout.to_dict()}
         self.server.send(identity, "welcome", fields, self.m.agent.metadata())
-        self.m.log.info("kvroom.peer_joined", peer=agent)
+        self.m.log.info("kvroom.peer_joined", peer=agent, principal=principal)
 
     def _on_room(self, peer: DecodePeer, identity: bytes, msg: Message, now: float) -> None:
         room_id = msg.fields["room"]
@@ -552,10 +615,22 @@ class PrefillSide:
             return
         info = info_or_reason
         room = self.m.table.get(room_id)
+        held = (
+            self.tombstones.reason_for(room_id, peer.principal, held_only=True) if room is not None else None
+        )
+        if room is not None and held is not None and peer.agent not in room.peers:
+            # its own abort arrived before anyone bound the room: the abort applies now
+            self.react(room, Input.ABORT, peer.agent, reason=held, error=RemoteFailureError(held))
+            self._send_failed(identity, room_id, held)
+            return
+        if room is not None and room.peers and not self._may_act(room, peer):
+            self._foreign(peer, "room", room_id)
+            self._send_failed(identity, room_id, f"room {room_id} is bound to another decode peer")
+            return
         if room is None:
-            tomb = self.tombstones.get(room_id)
+            tomb = self.tombstones.reason_for(room_id, peer.principal)
             if tomb is not None:
-                self._send_failed(identity, room_id, tomb[0])
+                self._send_failed(identity, room_id, tomb)
                 return
             self.pending.setdefault(room_id, []).append((identity, msg, now))
             self.pending.move_to_end(room_id)
@@ -651,7 +726,13 @@ class PrefillSide:
     def _on_abort(self, peer: DecodePeer, msg: Message, now: float) -> None:
         room_id, reason = msg.fields["room"], f"aborted by decode: {msg.fields['reason']}"
         room = self.m.table.get(room_id)
-        if room is not None:  # the failure notice follows once nothing is in flight
+        if room is not None and self.auth is not None and not room.peers:
+            self.tombstones.add(room_id, reason, now, peer.principal)  # held until its page list
+            self.m.log.info("kvroom.abort_held", peer=peer.agent, room=room_id)
+        elif room is not None and not self._may_act(room, peer):
+            self._foreign(peer, "abort", room_id)
+            return
+        elif room is not None:  # the failure notice follows once nothing is in flight
             self.react(room, Input.ABORT, peer.agent, reason=reason, error=RemoteFailureError(reason))
             if peer.agent in room.peers:
                 return
@@ -662,5 +743,5 @@ class PrefillSide:
             entries = [e for e in self.pending.pop(room_id, []) if e[0] != peer.identity]
             if entries:
                 self.pending[room_id] = entries
-            self._tombstone(room_id, reason, now)
+            self.tombstones.add(room_id, reason, now, peer.principal)
         self._send_failed(peer.identity, room_id, reason)

@@ -3,6 +3,10 @@
     python -m tests.netns_node prefill HOST ROOMS...      (prints {"addr": ...})
     python -m tests.netns_node decode ADDR ROOMS...       (prints one result per room)
 
+Both authenticate with the CURVE key pairs ``prefill`` and ``decode`` that
+``kvroom keys`` wrote into the directory named by ``$KVROOM_TEST_KEYS`` (each
+trusts only the other's public key).
+
 Prefill serves the listed rooms; it sends a room's pages only once a line
 ``go N`` for it arrives on stdin (so the test controls "mid-transfer"), reports
 every room's end as a JSON line, and exits when stdin closes.  Decode receives
@@ -46,12 +50,20 @@ def pattern(room: int) -> torch.Tensor:
     return torch.randint(0, 255, (PAGES, PAGE_BYTES), dtype=torch.uint8, generator=g)
 
 
-def config(host: str = "127.0.0.1") -> Any:
-    from kvroom import ManagerConfig
+def config(role: str, host: str = "127.0.0.1") -> Any:
+    import os
+    from pathlib import Path
+
+    from kvroom import CurveKeys, ManagerConfig
     from kvroom.fsm import Deadlines
 
+    keys_dir = Path(os.environ["KVROOM_TEST_KEYS"])
+    other = "decode" if role == "prefill" else "prefill"
+    keys = CurveKeys.load(keys_dir / f"{role}.key_secret", [keys_dir / f"{other}.key"])
     deadlines = Deadlines(60.0, 60.0, 10.0)
-    return ManagerConfig(heartbeat_interval=0.2, heartbeat_timeout=2.0, deadlines=deadlines, host=host)
+    return ManagerConfig(
+        heartbeat_interval=0.2, heartbeat_timeout=2.0, deadlines=deadlines, host=host, keys=keys
+    )
 
 
 def stderr_logger() -> Any:
@@ -87,7 +99,7 @@ def lines() -> list[str]:
 def prefill(host: str, rooms: list[int]) -> None:
     from kvroom import KVManager, KVPoll, KVSender
 
-    manager = KVManager("prefill", pool(), config=config(host), logger=stderr_logger())
+    manager = KVManager("prefill", pool(), config=config("prefill", host), logger=stderr_logger())
     for room in rooms:
         manager.pool.layers[0][src_pages(room)] = pattern(room)
     say(addr=manager.bootstrap_addr)
@@ -127,7 +139,7 @@ def prefill(host: str, rooms: list[int]) -> None:
 def decode(addr: str, rooms: list[int]) -> None:
     from kvroom import KVManager, KVPoll, KVReceiver
 
-    manager = KVManager("decode", pool(), config=config(), logger=stderr_logger())
+    manager = KVManager("decode", pool(), config=config("decode"), logger=stderr_logger())
     receivers = {}
     for i, room in enumerate(rooms):
         rx = KVReceiver(manager, addr, room)

@@ -1,10 +1,12 @@
 """Two hosts: prefill and decode in separate network namespaces joined by a veth pair.
 
 UCX runs over TCP on the veth link (``UCX_TLS=tcp``, ``UCX_NET_DEVICES`` the
-veth end), the control plane binds the prefill namespace's address, and the
-decode side is SIGKILLed mid-transfer: prefill fails exactly that decode's
-rooms, keeps running, and serves a new decode.  Skips, saying why, where
-network namespaces cannot be created (not root, no iproute2, no CAP_NET_ADMIN).
+veth end), the control plane binds the prefill namespace's address and is
+authenticated with CURVE key pairs made by ``kvroom keys`` (binding a
+non-loopback address needs them), and the decode side is SIGKILLed
+mid-transfer: prefill fails exactly that decode's rooms, keeps running, and
+serves a new decode.  Skips, saying why, where network namespaces cannot be
+created (not root, no iproute2, no CAP_NET_ADMIN).
 """
 
 from __future__ import annotations
@@ -66,11 +68,23 @@ def namespaces() -> Iterator[tuple[str, str, str, str]]:
         sh("ip", "netns", "del", ns_d)
 
 
+@pytest.fixture
+def keys(tmp_path: Path) -> str:
+    """Key pairs ``prefill`` and ``decode``, written by the ``kvroom keys`` command."""
+    for name in ("prefill", "decode"):
+        made = sh(sys.executable, "-m", "kvroom", "keys", str(tmp_path), "--name", name)
+        assert made.returncode == 0, made.stderr
+    return str(tmp_path)
+
+
 class Node:
     """A node process inside a namespace, talking JSON lines."""
 
-    def __init__(self, ns: str, device: str, *args: str) -> None:
-        env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": device, "PYTHONPATH": str(ROOT)}
+    def __init__(self, ns: str, device: str, keys: str, *args: str) -> None:
+        env = {
+            **os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": device, "PYTHONPATH": str(ROOT),
+            "KVROOM_TEST_KEYS": keys,
+        }  # fmt: skip
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - the node's stderr, shown when it goes quiet
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "tests.netns_node", *args],
@@ -123,17 +137,19 @@ def results(node: Node, count: int) -> dict[int, dict[str, Any]]:
     return out
 
 
-def test_prefill_and_decode_on_two_hosts_survive_a_decode_kill(namespaces: tuple[str, str, str, str]) -> None:
+def test_prefill_and_decode_on_two_hosts_survive_a_decode_kill(
+    namespaces: tuple[str, str, str, str], keys: str
+) -> None:
     ns_p, ns_d, veth_p, veth_d = namespaces
     first, doomed, later = list(range(0, 6)), list(range(10, 16)), list(range(20, 26))
-    prefill = Node(ns_p, veth_p, "prefill", PREFILL_IP, *map(str, first + doomed + later))
+    prefill = Node(ns_p, veth_p, keys, "prefill", PREFILL_IP, *map(str, first + doomed + later))
     nodes = [prefill]
     try:
         addr = prefill.read()["addr"]
         assert addr.startswith(PREFILL_IP), addr
 
         def decode(rooms: list[int]) -> Node:
-            node = Node(ns_d, veth_d, "decode", addr, *map(str, rooms))
+            node = Node(ns_d, veth_d, keys, "decode", addr, *map(str, rooms))
             nodes.append(node)
             assert node.read()["ready"]
             return node

@@ -73,6 +73,8 @@ class NodeOptions:
     # (None: the preset's); None: ``layers`` opaque uint8 tensors of ``page_bytes`` pages
     model: str | None = None
     model_layers: int | None = None
+    # a directory with the CURVE pairs prefill.key(_secret) and decode.key(_secret); None: no keys
+    keys_dir: str | None = None
     # 0: event-driven loops, a room's chunks all sent at once (the demo); > 0: a scheduler
     # step, then a sleep this long: each step polls every room and sends one chunk a room,
     # so faults land mid-transfer (chaos).  Both stamp and check pages the same cheap way.
@@ -171,6 +173,7 @@ def _make_manager(role: str, opts: NodeOptions, wake: _Wake, metrics: Any) -> tu
         heartbeat_interval=opts.heartbeat[0],
         heartbeat_timeout=opts.heartbeat[1],
         host=opts.host,
+        keys=_keys(role, opts.keys_dir),
     )
     import structlog
 
@@ -180,6 +183,18 @@ def _make_manager(role: str, opts: NodeOptions, wake: _Wake, metrics: Any) -> tu
         metrics=metrics,
     )  # fmt: skip
     return manager, buffers
+
+
+def _keys(role: str, keys_dir: str | None) -> Any:
+    """This node's CURVE keys: its own pair, trusting only the other role's public key."""
+    if keys_dir is None:
+        return None
+    from kvroom import CurveKeys
+
+    other = "decode" if role == "prefill" else "prefill"
+    return CurveKeys.load(
+        os.path.join(keys_dir, f"{role}.key_secret"), [os.path.join(keys_dir, f"{other}.key")]
+    )
 
 
 def _result(

@@ -64,5 +64,14 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--audit-log", help="where to write the JSON-lines audit log")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    p.add_argument(
+        "--keys",
+        metavar="DIR",
+        help="CURVE key pairs 'prefill' and 'decode' (`kvroom keys DIR --name prefill`, then "
+        "--name decode; missing pairs are made); default: fresh pairs in a temporary directory",
+    )
+    p.add_argument(
+        "--no-keys", action="store_true", help="run the control plane unauthenticated (loopback only)"
+    )
     p.add_argument("--port", type=int, default=0, help="prefill bootstrap port (default: a free one)")
     p.add_argument("--timeout", type=float, default=240.0, help="give up after this many seconds")

@@ -15,9 +15,11 @@ room, and the audit log replays cleanly.  Figures never decide the status.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +32,7 @@ from kvroom.demo.options import DEFAULT_MODEL
 from kvroom.demo.report import NodeMetrics, Progress, percentile
 from kvroom.demo.workload import RoomSpec, make_rooms
 from kvroom.presets import Preset, get_preset
+from kvroom.transport.auth import generate_keys
 
 __all__ = ["run", "Demo"]
 
@@ -41,6 +44,20 @@ def _model(args: argparse.Namespace) -> Preset | None:
     if getattr(args, "page_kib", None) or not hasattr(args, "model"):
         return None
     return get_preset(args.model or DEFAULT_MODEL, getattr(args, "layers", None))
+
+
+def _keys_dir(args: argparse.Namespace) -> str | None:
+    """Where the nodes' CURVE pairs are (made if missing); None with ``--no-keys``."""
+    if getattr(args, "no_keys", False):
+        return None
+    folder = getattr(args, "keys", None)
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="kvroom-keys-")
+        atexit.register(shutil.rmtree, folder, True)
+    for name in ("prefill", "decode"):
+        if not os.path.exists(os.path.join(folder, f"{name}.key_secret")):
+            generate_keys(folder, name)
+    return str(folder)
 
 
 def _options(args: argparse.Namespace, audit_log: str) -> NodeOptions:
@@ -66,6 +83,7 @@ def _options(args: argparse.Namespace, audit_log: str) -> NodeOptions:
         chunk_interval=NodeOptions.chunk_interval if chaos else 0.0,
         metrics_interval=0.5 if getattr(args, "metrics_port", None) is not None else None,
         seed=args.seed,
+        keys_dir=_keys_dir(args),
     )
 
 
@@ -230,7 +248,10 @@ class Demo:
             self.cluster.start_decode(i)
         prefill = self.cluster.prefill
         assert prefill is not None
-        self.say(f"prefill listening on {prefill.info['addr']}; {args.decodes} decode processes started")
+        keys = f"CURVE keys in {self.opts.keys_dir}" if self.opts.keys_dir else "no keys"
+        self.say(
+            f"prefill listening on {prefill.info['addr']} ({keys}); {args.decodes} decode processes started"
+        )
         total = len(self.rooms)
         progress = Progress(total, self.out)
         self.started = time.monotonic()

@@ -15,6 +15,7 @@ from typing import Any
 import zmq
 
 from kvroom.errors import BootstrapError, ProtocolError
+from kvroom.transport.auth import CurveKeys, HandshakeCounter, ServerAuth, secure_client
 from kvroom.transport.codec import Message, decode, encode
 
 __all__ = ["parse_addresses", "ControlServer", "ControlClient", "parse_address"]
@@ -58,17 +59,31 @@ def _socket(ctx: zmq.Context[Any], kind: int, max_bytes: int) -> zmq.Socket[Any]
 
 
 class ControlServer:
-    """Prefill's ROUTER socket: one listening address, many decode peers."""
+    """Prefill's ROUTER socket: one listening address, many decode peers.
 
-    def __init__(self, ctx: zmq.Context[Any], host: str, port: int, max_bytes: int) -> None:
+    With ``auth`` it is a CURVE server: only trusted decode keys complete the
+    handshake, every message carries its sender's key (``User-Id``), and
+    refused handshakes are counted (:attr:`refused`).
+    """
+
+    def __init__(
+        self, ctx: zmq.Context[Any], host: str, port: int, max_bytes: int, auth: ServerAuth | None = None
+    ) -> None:
         self.max_bytes = max_bytes
+        self.auth = auth
         self.socket = _socket(ctx, zmq.ROUTER, max_bytes)
+        self.handshakes: HandshakeCounter | None = None
+        if auth is not None:
+            auth.secure(self.socket)
+            self.handshakes = HandshakeCounter(self.socket)
         try:
             if port == 0:
                 port = self.socket.bind_to_random_port(f"tcp://{host}")
             else:
                 self.socket.bind(f"tcp://{host}:{port}")
         except zmq.ZMQError as exc:
+            if self.handshakes is not None:
+                self.handshakes.close()
             self.socket.close()
             raise BootstrapError(
                 f"cannot listen on {host}:{port}: {exc.strerror}; "
@@ -76,17 +91,38 @@ class ControlServer:
             ) from None
         self.address = f"{host}:{port}"
 
-    def recv(self) -> tuple[bytes, Message | ProtocolError] | None:
-        """One message if any is waiting: (peer identity, message or decode error)."""
+    @property
+    def refused(self) -> int:
+        """Handshakes refused so far (untrusted key, plain text, wrong server key); 0 without auth."""
+        return self.handshakes.failed if self.handshakes is not None else 0
+
+    def count_refusals(self) -> int:
+        """Worker: read the socket monitor (so its queue never fills); new refusals since the last call."""
+        return self.handshakes.drain() if self.handshakes is not None else 0
+
+    def recv(self) -> tuple[bytes, str | None, Message | ProtocolError] | None:
+        """One message if any is waiting: (routing identity, authenticated key or None, message or error)."""
+        if self.auth is None:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            identity, body = frames[0], frames[1:]
+            user: str | None = None
+        else:
+            try:
+                parts = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            try:  # the ZAP handler's User-Id: the client's z85 public key
+                user = str(parts[-1].get("User-Id"))
+            except zmq.ZMQError:
+                user = None
+            identity, body = parts[0].bytes, [p.bytes for p in parts[1:]]
         try:
-            frames = self.socket.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return None
-        identity, body = frames[0], frames[1:]
-        try:
-            return identity, decode(body, self.max_bytes)
+            return identity, user, decode(body, self.max_bytes)
         except ProtocolError as exc:
-            return identity, exc
+            return identity, user, exc
 
     def send(
         self, identity: bytes, kind: str, fields: dict[str, Any] | None = None, payload: bytes = b""
@@ -100,18 +136,37 @@ class ControlServer:
 
     def close(self) -> None:
         """Close the socket."""
+        if self.handshakes is not None:
+            self.handshakes.close()
         self.socket.close(linger=0)
 
 
 class ControlClient:
-    """Decode's DEALER socket to one prefill bootstrap address."""
+    """Decode's DEALER socket to one prefill bootstrap address (a CURVE client with ``keys``)."""
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, max_bytes: int) -> None:
+    def __init__(
+        self, ctx: zmq.Context[Any], address: str, max_bytes: int, keys: CurveKeys | None = None
+    ) -> None:
         host, port = parse_address(address)
         self.address = address
         self.max_bytes = max_bytes
         self.socket = _socket(ctx, zmq.DEALER, max_bytes)
+        self.refusals: HandshakeCounter | None = None
+        if keys is not None:
+            try:
+                secure_client(self.socket, keys, address)
+            except ValueError:
+                self.socket.close(linger=0)
+                raise
+            self.refusals = HandshakeCounter(self.socket, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.socket.connect(f"tcp://{host}:{port}")
+
+    def refused(self) -> bool:
+        """True once the server refused our key (its ZAP handler said no); worker thread only."""
+        if self.refusals is None:
+            return False
+        self.refusals.drain()
+        return self.refusals.failed > 0
 
     def recv(self) -> Message | ProtocolError | None:
         """One message if any is waiting (or the decode error)."""
@@ -134,4 +189,6 @@ class ControlClient:
 
     def close(self) -> None:
         """Close the socket."""
+        if self.refusals is not None:
+            self.refusals.close()
         self.socket.close(linger=0)
