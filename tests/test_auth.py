@@ -33,7 +33,7 @@ from kvroom import (
     PeerLostError,
 )
 from kvroom.cli import main as kvroom_main
-from kvroom.transport.auth import generate_keys, is_loopback
+from kvroom.transport.auth import AUTH_ENV, auth_settings, generate_keys, is_loopback
 from kvroom.transport.codec import MAGIC, encode
 from tests.test_api import FAST, make_pool, ready_pair, wait
 
@@ -172,6 +172,35 @@ def test_listening_beyond_loopback_needs_keys_or_a_loud_opt_out() -> None:
     )
     with KVManager("decode", make_pool(), config=dataclasses.replace(FAST, host="0.0.0.0"), audit=False):
         pass  # decode listens nowhere: nothing to refuse
+
+
+def test_engine_adapters_settings_become_keys_or_an_explicit_opt_out(tmp_path: Path) -> None:
+    # what the SGLang and vLLM adapters pass through (environment / kv_connector_extra_config)
+    generate_keys(tmp_path / "prefill", "prefill")
+    generate_keys(tmp_path / "decode", "decode")
+    got = auth_settings(
+        {
+            "key_file": str(tmp_path / "prefill" / "prefill.key_secret"),
+            "trusted_keys": str(tmp_path / "decode"),
+        }
+    )
+    decode_key = CurveKeys.load(tmp_path / "decode" / "decode.key_secret", tmp_path / "prefill").public
+    assert set(got) == {"keys"} and got["keys"].trusted == frozenset({decode_key})
+    assert auth_settings({}) == {} and auth_settings(dict.fromkeys(AUTH_ENV)) == {}
+    assert auth_settings({"allow_unauthenticated": "1"}) == {"allow_unauthenticated": True}
+    assert auth_settings({"allow_unauthenticated": False}) == {"allow_unauthenticated": False}
+    assert auth_settings({"allow_unauthenticated": "off"}) == {"allow_unauthenticated": False}
+    with pytest.raises(ValueError, match="must be true or false, got 'maybe'"):
+        auth_settings({"allow_unauthenticated": "maybe"})
+    with pytest.raises(ValueError, match="needs both key_file"):
+        auth_settings({"key_file": str(tmp_path / "prefill" / "prefill.key_secret")})
+    with pytest.raises(ValueError, match="cannot read CURVE key file"):
+        auth_settings(
+            {"key_file": str(tmp_path / "nope.key_secret"), "trusted_keys": str(tmp_path / "decode")}
+        )
+    keyed_config = dataclasses.replace(FAST, host="0.0.0.0", **got)
+    with KVManager("prefill", make_pool(), config=keyed_config, audit=False) as p:
+        assert p.snapshot()["auth"] != "none"
 
 
 # -- who gets in ----------------------------------------------------------------------------

@@ -43,6 +43,8 @@ __all__ = [
     "HandshakeCounter",
     "secure_client",
     "ZAP_DOMAIN",
+    "AUTH_ENV",
+    "auth_settings",
 ]
 
 ZAP_DOMAIN = "kvroom"
@@ -270,3 +272,46 @@ def secure_client(sock: zmq.Socket[Any], keys: CurveKeys, address: str) -> None:
     sock.curve_serverkey = keys.server_key(address)
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret
+
+
+AUTH_ENV = {
+    "key_file": "KVROOM_KEY_FILE",
+    "trusted_keys": "KVROOM_TRUSTED_KEYS",
+    "allow_unauthenticated": "KVROOM_ALLOW_UNAUTHENTICATED",
+}
+"""The environment variables engine adapters read for :func:`auth_settings` (SGLang has no other channel)."""
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def auth_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``ManagerConfig`` keyword arguments (``keys``, ``allow_unauthenticated``) from plain settings.
+
+    For engine adapters, whose configuration is strings: ``key_file`` (this
+    process's ``NAME.key_secret``), ``trusted_keys`` (a directory of the peers'
+    ``.key`` files, or several paths separated by ``os.pathsep``) and
+    ``allow_unauthenticated`` (a bool, or "1"/"true"/"0"/"false").  Either both
+    key settings or neither; ValueError names what is wrong.  Missing settings
+    leave the defaults: no keys, so only a loopback control plane starts.
+    """
+    out: dict[str, Any] = {}
+    key_file, trusted = settings.get("key_file"), settings.get("trusted_keys")
+    if bool(key_file) != bool(trusted):
+        raise ValueError(
+            "kvroom authentication needs both key_file (this side's .key_secret) and trusted_keys "
+            f"(the peers' .key files); got key_file={key_file!r}, trusted_keys={trusted!r}"
+        )
+    if key_file:
+        paths = str(trusted).split(os.pathsep)
+        out["keys"] = CurveKeys.load(str(key_file), paths[0] if len(paths) == 1 else paths)
+    allow = settings.get("allow_unauthenticated")
+    if allow is not None:
+        text = str(allow).strip().lower()
+        if isinstance(allow, bool):
+            out["allow_unauthenticated"] = allow
+        elif text in _TRUE | _FALSE:
+            out["allow_unauthenticated"] = text in _TRUE
+        else:
+            raise ValueError(f"allow_unauthenticated must be true or false, got {allow!r}")
+    return out

@@ -36,6 +36,7 @@ from kvroom.integrations.sglang.regions import RankShape, Unsupported, model_lay
 from kvroom.integrations.sglang.staging import AuxPacker, pool_from_kv_args
 from kvroom.manager import KVManager
 from kvroom.planning import RankRegions
+from kvroom.transport.auth import AUTH_ENV, auth_settings
 from kvroom.transport.layout import KVPool
 
 __all__ = ["AUDIT_LOGGER", "KvroomKVManager", "audit_logger"]
@@ -217,6 +218,9 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             heartbeat_timeout=_env_float("KVROOM_HEARTBEAT_TIMEOUT", 5.0),
             host=_local_ip(),
             transfer_mode="auto" if staging else "direct",
+            # SGLang has no per-backend settings: keys come from KVROOM_KEY_FILE / KVROOM_TRUSTED_KEYS
+            # (or KVROOM_ALLOW_UNAUTHENTICATED=1 on a trusted network); without them only loopback starts
+            **auth_settings({name: os.environ.get(var) for name, var in AUTH_ENV.items()}),
         )
         self.kv = KVManager(role, self.pool, config=config, logger=audit_logger())
         self.regions: RankRegions = self.kv.regions

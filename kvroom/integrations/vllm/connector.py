@@ -22,6 +22,7 @@ The scheduler side lives in :mod:`.scheduler`, the worker side in
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -36,6 +37,7 @@ from kvroom.integrations.vllm.pool import pool_from_caches
 from kvroom.integrations.vllm.scheduler import RoomScheduler
 from kvroom.integrations.vllm.stats import KVRoomStats
 from kvroom.integrations.vllm.worker import RoomWorker
+from kvroom.transport.auth import AUTH_ENV, auth_settings
 
 __all__ = ["KVRoomConnector", "manager_config"]
 
@@ -51,6 +53,10 @@ def manager_config(extra: dict[str, Any]) -> ManagerConfig:
     if "transfer_mode" in extra:
         kwargs["transfer_mode"] = str(extra["transfer_mode"])
     kwargs["host"] = str(extra.get("bootstrap_host", "127.0.0.1"))
+    # authentication: key_file / trusted_keys / allow_unauthenticated in the extra config, else
+    # the KVROOM_* environment variables; without keys only a loopback bootstrap_host starts
+    auth = {name: extra.get(name, os.environ.get(var)) for name, var in AUTH_ENV.items()}
+    kwargs.update(auth_settings(auth))
     return ManagerConfig(**kwargs)
 
 

@@ -143,6 +143,33 @@ def test_a_hybrid_model_with_mla_attention_lists_one_latent_per_attention_layer(
         manager.close()
 
 
+def test_keys_from_the_environment_reach_kvrooms_manager(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SGLang has no per-backend settings: KVROOM_KEY_FILE / KVROOM_TRUSTED_KEYS carry the CURVE keys
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    from kvroom.integrations.sglang.manager import KvroomKVManager
+    from kvroom.transport.auth import generate_keys
+
+    generate_keys(tmp_path / "decode", "decode")
+    generate_keys(tmp_path / "prefill", "prefill")
+    monkeypatch.setenv("KVROOM_KEY_FILE", str(tmp_path / "decode" / "decode.key_secret"))
+    monkeypatch.setenv("KVROOM_TRUSTED_KEYS", str(tmp_path / "prefill"))
+    args, _keep = kv_args(layers=1, heads=1, total_kv_head_num=1)
+    server_args = types.SimpleNamespace(tp_size=1, dp_size=1, pp_size=1, host="127.0.0.1")
+    server_args.disaggregation_bootstrap_port = 1
+    manager = KvroomKVManager(args, DisaggregationMode.DECODE, server_args, False)
+    try:
+        keys = manager.kv.config.keys
+        assert keys is not None and len(keys.trusted) == 1
+    finally:
+        manager.close()
+    monkeypatch.delenv("KVROOM_TRUSTED_KEYS")
+    with pytest.raises(ValueError, match="needs both key_file"):
+        KvroomKVManager(args, DisaggregationMode.DECODE, server_args, False)
+
+
 def test_a_pipeline_stage_describes_every_layer_and_holds_its_own() -> None:
     args, _ = kv_args(layers=1, prefill_start_layer=1, prefill_end_layer=2, pp_rank=1)
     regions = regions_from_kv_args(args, RankShape(0, 1, 1, 2), layers=2, kv_heads=(2, 2))

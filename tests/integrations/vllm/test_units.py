@@ -124,3 +124,22 @@ def test_interleaved_layers_are_refused_with_the_layout_to_use() -> None:
     views = create_kv_cache_views(raw, SPEC, BLOCKS, KVCacheLayout.BLNHC, shared)
     with pytest.raises(ValueError, match="LBNHC"):
         pool_from_caches(dict(zip(LAYER_NAMES, views, strict=True)), BLOCK)
+
+
+def test_extra_config_passes_authentication_through(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvroom.integrations.vllm.connector import manager_config
+    from kvroom.transport.auth import generate_keys
+
+    for var in ("KVROOM_KEY_FILE", "KVROOM_TRUSTED_KEYS", "KVROOM_ALLOW_UNAUTHENTICATED"):
+        monkeypatch.delenv(var, raising=False)
+    generate_keys(tmp_path / "mine", "prefill")
+    generate_keys(tmp_path / "peers", "decode")
+    secret, peers = str(tmp_path / "mine" / "prefill.key_secret"), str(tmp_path / "peers")
+    config = manager_config({"bootstrap_host": "10.0.0.7", "key_file": secret, "trusted_keys": peers})
+    assert config.host == "10.0.0.7" and config.keys is not None and len(config.keys.trusted) == 1
+    assert manager_config({}).keys is None and manager_config({}).allow_unauthenticated is False
+    monkeypatch.setenv("KVROOM_ALLOW_UNAUTHENTICATED", "true")  # the environment is the fallback
+    assert manager_config({"bootstrap_host": "0.0.0.0"}).allow_unauthenticated is True
+    assert manager_config({"allow_unauthenticated": False}).allow_unauthenticated is False
+    with pytest.raises(ValueError, match="needs both key_file"):
+        manager_config({"key_file": secret})
