@@ -85,6 +85,7 @@ class _Group:
     dst_devices: U64
     src_smallest: Region  # for the range check and its message
     dst_smallest: Region
+    single: bool = False  # one buffer each side, addresses that int64 arithmetic holds
 
 
 def _group(space: str, spans: SpanArray | None, srcs: list[Region], dsts: list[Region]) -> _Group:
@@ -101,6 +102,7 @@ def _group(space: str, spans: SpanArray | None, srcs: list[Region], dsts: list[R
         _u64([r.device for r in dsts]),
         min(srcs, key=lambda r: r.items),
         min(dsts, key=lambda r: r.items),
+        len(srcs) == 1 and max(srcs[0].end, dsts[0].end) < 2**62,
     )
 
 
@@ -110,6 +112,29 @@ def _rows(addr: U64, length: U64, device: U64) -> DescArray:
     out[..., 1] = length  # broadcast in the assignment: no temporaries
     out[..., 2] = device
     return out.reshape(-1, 3)
+
+
+def _joined(arrays: list[DescArray]) -> DescArray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _one_buffer(g: _Group, runs: tuple[IntArray, IntArray, IntArray]) -> tuple[DescArray, DescArray]:
+    """A single whole-item buffer's run descriptors, in int64 then viewed (the per-chunk hot path)."""
+    s_start, d_start, lengths = runs
+    s_base, s_item, s_dev, d_base, d_item, d_dev = (
+        int(g.src_bases[0]), int(g.src_items[0]), int(g.src_devices[0]),
+        int(g.dst_bases[0]), int(g.dst_items[0]), int(g.dst_devices[0]),
+    )  # fmt: skip
+    nbytes = lengths * s_item
+    local = np.empty((s_start.size, 3), dtype=np.int64)
+    local[:, 0] = s_start * s_item + s_base
+    local[:, 1] = nbytes
+    local[:, 2] = s_dev
+    remote = np.empty((d_start.size, 3), dtype=np.int64)
+    remote[:, 0] = d_start * d_item + d_base
+    remote[:, 1] = nbytes
+    remote[:, 2] = d_dev
+    return local.view(np.uint64), remote.view(np.uint64)
 
 
 def _check(region: Region, indices: IntArray, side: str) -> None:
@@ -166,14 +191,17 @@ class PairRoute:
             if g.spans is None:
                 if g.space not in runs:
                     runs[g.space] = page_runs(s_idx, d_idx)
-                s_start, d_start, lengths = (a.astype(np.uint64)[None, :] for a in runs[g.space])
-                length = lengths * g.src_items[:, None]
-                local = _rows(
-                    g.src_bases[:, None] + s_start * g.src_items[:, None], length, g.src_devices[:, None]
-                )
-                remote = _rows(
-                    g.dst_bases[:, None] + d_start * g.dst_items[:, None], length, g.dst_devices[:, None]
-                )
+                if g.single:  # one buffer (an opaque pool, an aux row): 1-D, per chunk
+                    local, remote = _one_buffer(g, runs[g.space])
+                else:
+                    s_start, d_start, lengths = (a.astype(np.uint64)[None, :] for a in runs[g.space])
+                    length = lengths * g.src_items[:, None]
+                    local = _rows(
+                        g.src_bases[:, None] + s_start * g.src_items[:, None], length, g.src_devices[:, None]
+                    )
+                    remote = _rows(
+                        g.dst_bases[:, None] + d_start * g.dst_items[:, None], length, g.dst_devices[:, None]
+                    )
             else:
                 spans = g.spans.astype(np.uint64)
                 length = spans[None, None, :, 2]
@@ -192,9 +220,7 @@ class PairRoute:
             lists[1].append(remote)
         if not out:
             return None
-        parts = (
-            WritePart(sm, dm, np.concatenate(ls), np.concatenate(rs)) for (sm, dm), (ls, rs) in out.items()
-        )
+        parts = (WritePart(sm, dm, _joined(ls), _joined(rs)) for (sm, dm), (ls, rs) in out.items())
         return WritePlan(tuple(parts))
 
 
