@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -158,7 +158,8 @@ class RankServer:
         return dict(self.manager.snapshot())
 
 
-def _serve(conn: Connection, factory: type[RankServer] = RankServer) -> None:
+def _serve(conn: Connection, factory: Callable[[], Any] = RankServer) -> None:
+    """A rank process: build ``factory()`` and run the methods the test sends, one at a time."""
     from kvroom.demo.nodes import die_with_parent
 
     die_with_parent()
@@ -178,7 +179,7 @@ class Rank:
     """The test's end of one rank process."""
 
     def __init__(
-        self, name: str, env: dict[str, str] | None = None, server: type[RankServer] = RankServer
+        self, name: str, env: dict[str, str] | None = None, server: Callable[[], Any] = RankServer
     ) -> None:
         ctx = mp.get_context("spawn")
         self.name = name

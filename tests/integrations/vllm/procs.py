@@ -8,14 +8,12 @@ Children die with their parent; the fixtures kill and reap them after every test
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import signal
 import threading
 import time
 import traceback
-from multiprocessing.connection import Connection
 from typing import Any
+
+from tests.ranks import Rank
 
 
 def pattern(layer: int, page: int, shape: tuple[int, ...]) -> Any:
@@ -225,54 +223,12 @@ class ConnectorServer:
         agent.transfer = failing
 
 
-def _serve(conn: Connection) -> None:
-    from kvroom.demo.nodes import die_with_parent
-
-    die_with_parent()
-    server = ConnectorServer()
-    while True:
-        try:
-            method, args, kwargs = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send(("ok", getattr(server, method)(*args, **kwargs)))
-        except Exception as exc:
-            conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-
-
-class Worker:
-    """The test's end of one worker process."""
+class Worker(Rank):
+    """The test's end of one worker process (a :class:`~tests.ranks.Rank` serving a connector)."""
 
     def __init__(self, name: str) -> None:
-        ctx = mp.get_context("spawn")
-        self.name = name
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), name=name, daemon=True)
-        self.proc.start()
-        child.close()
+        super().__init__(name, server=ConnectorServer)
 
     def call(self, method: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> Any:
-        """Run ``method`` in the process; raises RuntimeError with its traceback on error."""
-        self.conn.send((method, args, kwargs))
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.name}: {method} did not answer in {timeout} s")
-        status, value = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"{self.name}.{method}: {value}")
-        return value
-
-    def pause(self) -> None:
-        """SIGSTOP the process."""
-        os.kill(self.proc.pid or 0, signal.SIGSTOP)
-
-    def kill(self) -> None:
-        """SIGKILL the process and reap it."""
-        if self.proc.is_alive():
-            os.kill(self.proc.pid or 0, signal.SIGCONT)
-            self.proc.kill()
-        self.proc.join(10)
-
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.proc.is_alive()
+        """Run ``method`` in the process (a connector step may take longer than a rank call)."""
+        return super().call(method, *args, timeout=timeout, **kwargs)
