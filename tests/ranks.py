@@ -199,7 +199,15 @@ class Rank:
 
     def call(self, method: str, *args: Any, timeout: float = 60.0, **kwargs: Any) -> Any:
         """Run ``method`` in the process; raises RuntimeError with its traceback on error."""
+        self.post(method, *args, **kwargs)
+        return self.result(method, timeout)
+
+    def post(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Send a call without waiting (for collectives across ranks); :meth:`result` answers it."""
         self.conn.send((method, args, kwargs))
+
+    def result(self, method: str, timeout: float = 60.0) -> Any:
+        """The answer to the last posted call."""
         if not self.conn.poll(timeout):
             raise TimeoutError(f"{self.name}: {method} did not answer in {timeout} s")
         status, value = self.conn.recv()

@@ -2,55 +2,27 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import signal
 from typing import Any
 
 from tests.integrations.sglang.node import SchedulerRank
-from tests.ranks import _serve
+from tests.ranks import Rank
 
 __all__ = ["Cluster", "Node", "call_all", "free_port", "free_ports"]
 
 
-class Node:
-    """The test's end of one scheduler-rank process."""
+class Node(Rank):
+    """The test's end of one scheduler-rank process (a :class:`~tests.ranks.Rank` serving SGLang's calls)."""
 
     def __init__(self, name: str) -> None:
-        ctx = mp.get_context("spawn")
-        self.name = name
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, SchedulerRank), name=name, daemon=True)
-        self.proc.start()
-        child.close()
+        super().__init__(name, server=SchedulerRank)
 
-    def post(self, method: str, *args: Any, **kwargs: Any) -> None:
-        """Send a call without waiting (for collectives across ranks)."""
-        self.conn.send((method, args, kwargs))
+    def call(self, method: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> Any:
+        """Run ``method`` in the process (scheduler calls may wait on collectives)."""
+        return super().call(method, *args, timeout=timeout, **kwargs)
 
     def result(self, method: str, timeout: float = 120.0) -> Any:
         """The answer to the last posted call."""
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"{self.name}: {method} did not answer in {timeout} s")
-        status, value = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"{self.name}.{method}: {value}")
-        return value
-
-    def call(self, method: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> Any:
-        """Run ``method`` in the process; raises RuntimeError with its traceback on error."""
-        self.post(method, *args, **kwargs)
-        return self.result(method, timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the process and reap it."""
-        if self.proc.is_alive():
-            os.kill(self.proc.pid or 0, signal.SIGCONT)
-            self.proc.kill()
-        self.proc.join(10)
-
-    def alive(self) -> bool:
-        return self.proc.is_alive()
+        return super().result(method, timeout)
 
 
 def call_all(nodes: list[Node], method: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
