@@ -49,6 +49,11 @@ def parse_addresses(addresses: str | Sequence[str]) -> tuple[str, ...]:
     return out
 
 
+CLOSE_LINGER_MS = 500
+"""How long closing a socket may take to deliver what is still queued (a COMMIT sent just before
+a manager closes must reach decode, or the two sides disagree); bounded for a peer that is gone."""
+
+
 def _socket(ctx: zmq.Context[Any], kind: int, max_bytes: int) -> zmq.Socket[Any]:
     sock: zmq.Socket[Any] = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
@@ -138,7 +143,7 @@ class ControlServer:
         """Close the socket."""
         if self.handshakes is not None:
             self.handshakes.close()
-        self.socket.close(linger=0)
+        self.socket.close(linger=CLOSE_LINGER_MS)
 
 
 class ControlClient:
@@ -191,4 +196,4 @@ class ControlClient:
         """Close the socket."""
         if self.refusals is not None:
             self.refusals.close()
-        self.socket.close(linger=0)
+        self.socket.close(linger=CLOSE_LINGER_MS)
