@@ -41,7 +41,7 @@ from kvroom.transport.control import ControlClient
 from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify
 from kvroom.transport.layout import range_overlap
-from kvroom.transport.notif import Notif, parse_notif
+from kvroom.transport.notif import Notif, parse_notifs
 from kvroom.transport.staging import Reservation, StagingStore, chunk_count
 
 if TYPE_CHECKING:
@@ -423,8 +423,7 @@ class DecodeSide(DecodeStaging):
                 continue  # not a peer we greeted: ignore
             peer.last_heard = now
             for raw in messages:
-                parsed = parse_notif(raw)
-                if parsed is not None:
+                for parsed in parse_notifs(raw):
                     self._on_chunk(peer, parsed, now)
 
     def _on_chunk(self, peer: PrefillPeer, n: Notif, now: float) -> None:

@@ -39,6 +39,7 @@ Every protocol input goes through :meth:`PrefillSide.react`.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,10 +49,11 @@ import zmq
 from kvroom.errors import IncompatiblePeerError, PeerLostError, ProtocolError, RemoteFailureError
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
+from kvroom.outbox import Batch, Outbox
 from kvroom.planning import PairRoute, RankRegions, align_chunk, route, stage_entries
 from kvroom.protocol import Input, Outcome, PrefillVerdict
 from kvroom.protocol.verdicts import Verdicts, fire_actions
-from kvroom.shares import ChunkWrite, direct_writes, staged_writes
+from kvroom.shares import ChunkWrite, DeferredWrite, deferred_writes, direct_writes, staged_writes
 from kvroom.tombstones import Tombstones
 from kvroom.transport.auth import ServerAuth
 from kvroom.transport.codec import Message
@@ -153,6 +155,7 @@ class PrefillSide:
         )
         self.tombstones = Tombstones(cfg.pending_limit, cfg.pending_ttl)
         self.active: list[Transfer] = []
+        self.outbox = Outbox()  # WRITEs planned this worker turn, posted joined at its end (flush)
         self.draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]] = {}
 
     # -- worker loop hooks ------------------------------------------------------
@@ -177,6 +180,7 @@ class PrefillSide:
             reason = f"this prefill stalled for {paused:.1f} s; its decode peers may have declared it lost"
             for peer in list(self.peers.values()):
                 self.peer_lost(peer, PeerLostError(reason), now)
+        self.flush()  # the WRITEs this turn's commands planned
         refused = self.server.count_refusals()
         if refused:
             self.m.log.warning("kvroom.handshakes_refused", count=refused, total=self.server.refused)
@@ -283,6 +287,7 @@ class PrefillSide:
         if not peers:
             return
         live = [t for t in transfers if not t.released]
+        live += [t for t in self.active if room_id in t.room_ids and not t.released and t not in live]
         if live:
             self.draining[room_id] = (peers, reason, live)
         else:
@@ -305,7 +310,7 @@ class PrefillSide:
         plan = self.send_plans.get(room.id)
         if infos is None or plan is None:
             return
-        writes: list[tuple[DecodePeer, ChunkWrite]] = []
+        writes: list[tuple[DecodePeer, ChunkWrite | DeferredWrite]] = []
         ends: list[DecodePeer] = []  # ranks whose share ends with no WRITE in this chunk
         for info in infos.values():
             peer = self.by_agent.get(info.peer)
@@ -329,31 +334,30 @@ class PrefillSide:
         for peer in ends:
             if not self._notify_end(room, peer, plan):
                 return
-        posted: list[tuple[Transfer, str]] = []
+        if writes:
+            with room.lock:  # count every WRITE of the chunk before any of them can complete
+                if not room.live:
+                    return
+                room.chunks_needed += len(writes)
         final = {peer.agent: i for i, (peer, _) in enumerate(writes)} if last else {}
         for i, (peer, w) in enumerate(writes):
             seq = plan.seqs.get(peer.agent, 0)
             plan.seqs[peer.agent] = seq + 1
             notif = notif_message(room.id, seq, w.start, w.npages, final.get(peer.agent) == i)
-            ends_room = last and i == len(writes) - 1
-            got = self._write(room, peer, w.local, w.local_mem, w.remote, w.remote_mem, notif, ends_room)
-            if got is None:  # the room failed: what was posted still drains before decode is told
-                self.active.extend(t for t, _ in posted)
-                return
-            posted.append(got)
-            plan.bytes_posted += int(w.local[:, 1].sum())
-        # only now, with every WRITE of the chunk counted, may completions finish the room
-        for transfer, state in posted:
-            if state == "DONE":
-                self._done(transfer)
-            else:
-                self.active.append(transfer)
+            full = self.outbox.add(peer.agent, w, notif, room.id, last and i == len(writes) - 1)
+            if full is not None:
+                self._post(full)
         if last and not writes:  # nothing to copy: the room ends here
             self.m.fire(room, Event.COMPLETE, aux=True)
 
+    def flush(self) -> None:
+        """Worker, after a turn's commands: post every WRITE the outbox holds."""
+        for batch in self.outbox.take():
+            self._post(batch)
+
     def _chunk_writes(
         self, peer: DecodePeer, info: TransferInfo, plan: SendPlan, src: IntArray, offset: int, last: bool
-    ) -> list[ChunkWrite]:
+    ) -> Sequence[ChunkWrite | DeferredWrite]:
         """The WRITEs of pages ``src`` (request pages ``offset..``), and with the last its rows."""
         aux = None
         if plan.aux_index is not None and info.aux_index is not None:
@@ -367,7 +371,8 @@ class PrefillSide:
             state[space] = (ours, theirs)
         indices = align_chunk(src, offset, info.pages, info.prefix_pages, last=last, state=state, aux=aux)
         if info.staging is None:
-            return direct_writes(peer.route, indices)
+            deferred = deferred_writes(peer.route, indices)  # planned with the turn's others
+            return direct_writes(peer.route, indices) if deferred is None else deferred
         tensors, kv = self.m.tensors, peer.rank.pool.kv[0]
         assert tensors is not None  # _parse_info refuses staging otherwise
         return staged_writes(
@@ -381,39 +386,64 @@ class PrefillSide:
         try:
             self.m.agent.notify(peer.agent, notif_message(room.id, seq, 0, 0, True))
         except Exception as exc:
-            self._fault(room, peer, exc, f"notify room {room.id}", self.m.clock())
+            self._fault([room.id], peer, exc, "notify", self.m.clock())
             return False
         plan.seqs[peer.agent] = seq + 1
         return True
 
-    def _write(
-        self,
-        room: Room,
-        peer: DecodePeer,
-        local: Any,
-        local_mem: str,
-        remote: Any,
-        remote_mem: str,
-        notif: bytes,
-        ends_room: bool,
-    ) -> tuple[Transfer, str] | None:
-        """Post one WRITE; None when it failed (the room or the peer failed with it)."""
+    def _live(self, room_id: int) -> bool:
+        room = self.m.table.get(room_id)
+        return room is not None and room.live
+
+    def _post(self, batch: Batch) -> None:
+        """Post one batch of WRITEs as one transfer, without the rooms that failed meanwhile."""
+        peer = self.by_agent.get(batch.agent)
+        if peer is None:
+            return  # the peer is gone; its rooms were failed with it
+        batch = batch.keep(self._live)
+        if not batch.entries:
+            return
+        try:
+            local, remote = batch.rows()
+        except ValueError:  # some room's index is out of range: fail those rooms, post the rest
+            batch, bad = batch.split()
+            for room_id, exc in bad:
+                room = self.m.table.get(room_id)
+                if room is not None:
+                    reason = f"room {room_id}: {exc}"
+                    self.react(room, Input.WRITE_ERROR, peer.agent, reason=reason, error=exc)
+            if not batch.entries:
+                return
+            local, remote = batch.rows()
         try:
             transfer, state = self.m.agent.write(
-                peer.agent, local, local_mem, remote, remote_mem, notif, room.id, ends_room
+                batch.agent, local, batch.local_mem, remote, batch.remote_mem, batch.notif, batch.rooms
             )
         except Exception as exc:
-            self._fault(room, peer, exc, f"WRITE room {room.id}", self.m.clock())
-            return None
-        with room.lock:
-            if room.live:
-                handles = self.handles.get(room.id)
-                if handles is None:
-                    handles = []
-                    self.handles.put_locked(room, handles)
-                handles.append(transfer)
-                room.chunks_needed += 1
-        return transfer, state
+            self._fault(sorted({e.room for e in batch.entries}), peer, exc, "WRITE", self.m.clock())
+            return
+        tracked: set[int] = set()
+        for e in batch.entries:
+            plan = self.send_plans.get(e.room)
+            if plan is not None:
+                plan.bytes_posted += e.nbytes
+            if e.room in tracked:
+                continue
+            tracked.add(e.room)
+            room = self.m.table.get(e.room)
+            if room is None:
+                continue
+            with room.lock:
+                if room.live:
+                    handles = self.handles.get(room.id)
+                    if handles is None:
+                        handles = []
+                        self.handles.put_locked(room, handles)
+                    handles.append(transfer)
+        if state == "DONE":
+            self._done(transfer)
+        else:
+            self.active.append(transfer)
 
     def react(
         self,
@@ -444,18 +474,24 @@ class PrefillSide:
 
     def _done(self, transfer: Transfer) -> None:
         self.m.agent.release(transfer)
-        room = self.m.table.get(transfer.room)
-        if room is not None and transfer.peer in room.peers:
-            self.m.fire(room, Event.COMPLETE, chunks=1, aux=transfer.last)
+        for room_id, ends_room in transfer.rooms:
+            room = self.m.table.get(room_id)
+            if room is not None and transfer.peer in room.peers:
+                self.m.fire(room, Event.COMPLETE, chunks=1, aux=ends_room)
 
-    def _fault(self, room: Room | None, peer: DecodePeer, exc: BaseException, what: str, now: float) -> None:
-        error = classify(exc, f"{what} to {peer.agent}")
+    def _fault(self, rooms: list[int], peer: DecodePeer, exc: BaseException, what: str, now: float) -> None:
+        """A NIXL call for ``rooms`` failed: lose the peer, or fail those rooms (re-raise a bug)."""
+        where = f"room {rooms[0]}" if len(rooms) == 1 else f"rooms {rooms}"
+        error = classify(exc, f"{what} {where} to {peer.agent}")
         if error is None:
             raise exc  # a bug, not a transport fault
         if isinstance(error, PeerLostError):
             self.peer_lost(peer, error, now)
-        elif room is not None:
-            self.react(room, Input.WRITE_ERROR, peer.agent, reason=str(error), error=error)
+            return
+        for room_id in rooms:
+            room = self.m.table.get(room_id)
+            if room is not None:
+                self.react(room, Input.WRITE_ERROR, peer.agent, reason=str(error), error=error)
 
     def _poll_transfers(self, now: float) -> None:
         still = []
@@ -468,9 +504,8 @@ class PrefillSide:
             except Exception as exc:
                 agent.release(t)
                 peer = self.by_agent.get(t.peer)
-                room = self.m.table.get(t.room)
                 if peer is not None:
-                    self._fault(room, peer, exc, f"WRITE room {t.room}", now)
+                    self._fault(sorted(t.room_ids), peer, exc, "WRITE", now)
                 continue
             if state == "DONE":
                 self._done(t)
@@ -496,6 +531,7 @@ class PrefillSide:
             if peer.agent in room.peers:
                 left = sum(1 for a in room.peers if a in self.by_agent)
                 self.react(room, Input.PEER_LOST, peer.agent, reason=str(error), error=error, ranks_left=left)
+        self.outbox.drop(peer.agent)
         for t in self.active:
             if t.peer == peer.agent:
                 self.m.agent.release(t)

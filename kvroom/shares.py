@@ -40,8 +40,10 @@ from kvroom.transport.staging import chunk_pages
 
 __all__ = [
     "ChunkWrite",
+    "DeferredWrite",
     "Source",
     "decode_sources",
+    "deferred_writes",
     "direct_writes",
     "kv_heads",
     "staged_writes",
@@ -121,6 +123,31 @@ def _parts(plan: WritePlan | None, start: int, npages: int) -> list[ChunkWrite]:
         ChunkWrite(p.local, p.local_mem, p.remote, p.remote_mem, start, npages if k == 0 else 0)
         for k, p in enumerate(plan.parts)
     ]
+
+
+class DeferredWrite(NamedTuple):
+    """A chunk's one WRITE into a single-memory-kind route, planned later with others (the outbox)."""
+
+    route: PairRoute
+    indices: ChunkIndices
+    local_mem: str
+    remote_mem: str
+    start: int
+    npages: int
+    nbytes: int
+
+
+def deferred_writes(pair: PairRoute, indices: ChunkIndices) -> list[DeferredWrite] | None:
+    """The chunk as one :class:`DeferredWrite` ([] when nothing moves); None when the route has
+    several memory-kind pairs (plan it now with :func:`direct_writes`)."""
+    if len(pair.mems) != 1:
+        return None
+    nbytes = pair.moved_bytes(indices)
+    if not nbytes:
+        return []
+    ((local_mem, remote_mem),) = pair.mems
+    npages = int(indices.pages[1].size) if "kv" in pair.spaces else 0
+    return [DeferredWrite(pair, indices, local_mem, remote_mem, indices.first, npages, nbytes)]
 
 
 def direct_writes(pair: PairRoute, indices: ChunkIndices) -> list[ChunkWrite]:

@@ -19,13 +19,16 @@ import numpy as np
 
 from kvroom.planning import (
     ChunkIndices,
+    JoinedIndices,
     RankLayout,
     RankRegions,
     WritePlan,
     align_chunk,
     assign,
     for_source,
+    join_indices,
     plan_writes,
+    route,
     synthetic_pool,
 )
 
@@ -157,8 +160,14 @@ def run_room(
     items_dst: Mapping[str, int],
     room: Room,
     seed: int = 0,
+    joined: bool = False,
 ) -> tuple[list[Memory], list[WritePlan | None], Truth]:
-    """Plan and execute the room into every destination; the destinations' memories and the plans."""
+    """Plan and execute the room into every destination; the destinations' memories and the plans.
+
+    ``joined``: plan each rank pair's chunks all at once (:func:`join_indices`, as
+    prefill's outbox does for a burst) instead of chunk by chunk.  Either way each
+    plan must move what the route's ``moved_bytes`` says.
+    """
     truth = logical_state(sources[0], items_src, seed)
     src_ranks = [
         RankRegions(s, synthetic_pool(s, items_src, base=(1 << 40) + i * (1 << 32), gap=64))
@@ -177,8 +186,13 @@ def run_room(
         table = assign(d, sources)
         for i, src in enumerate(src_ranks):
             mine = for_source(table, i)
-            for c in chunks:
-                plan = plan_writes(src, rank, mine, c)
+            bound = route(src, rank, mine)
+            batches: list[ChunkIndices | JoinedIndices] = list(chunks)
+            if joined:
+                batches = [join_indices(chunks, bound.item_bytes)]
+            for c in batches:
+                plan = bound.writes(c) if joined else plan_writes(src, rank, mine, c)  # type: ignore[arg-type]
+                assert bound.moved_bytes(c) == (plan.nbytes if plan is not None else 0)
                 plans.append(plan)
                 if plan is not None:
                     execute(plan, src_mem[i], mem)

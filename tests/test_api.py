@@ -18,6 +18,7 @@ from kvroom import (
     KVPoll,
     KVPool,
     KVReceiver,
+    KVRoomError,
     KVSender,
     ManagerConfig,
     PeerLostError,
@@ -282,3 +283,99 @@ def test_a_burst_of_queued_commands_is_spread_over_loop_turns(pair: tuple[KVMana
     assert wait(lambda: len(turns) == 12)
     # a turn runs commands until the budget is spent: at most 2 of these (fewer when sleeps overrun)
     assert len(set(turns)) >= 6, turns
+
+
+def _held(manager: KVManager) -> Callable[[], None]:
+    """Hold the worker in a command until the returned function is called (sends queue behind it)."""
+    import threading
+
+    held, release = threading.Event(), threading.Event()
+    manager.submit(lambda: (held.set(), release.wait(10)))
+    assert held.wait(5)
+    return release.set
+
+
+def _burst_rooms(p: KVManager, d: KVManager, rooms: range) -> list[tuple[KVSender, KVReceiver]]:
+    for layer in p.pool.layers:
+        layer.copy_(torch.randint(0, 255, layer.shape, dtype=torch.uint8))
+    out = []
+    for room in rooms:
+        rx = KVReceiver(d, p.bootstrap_addr, room)
+        rx.init()
+        tx = KVSender(p, p.bootstrap_addr, room)
+        rx.send_metadata(np.arange(4) + 4 * room, aux_index=room % 8)
+        out.append((tx, rx))
+    for tx, _ in out:
+        assert wait(lambda tx=tx: tx.poll() is KVPoll.WaitingForInput)
+        tx.init(4, aux_index=tx.room.id % 8)
+    return out
+
+
+def test_a_burst_of_sends_is_posted_as_one_joined_transfer_and_every_room_lands(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    # a forward batch ends with one send() per request: the worker joins the WRITEs it
+    # finds queued for one decode into one NIXL transfer; decode counts each as its own
+    p, d = pair
+    rooms = _burst_rooms(p, d, range(8))
+    posted = p.agent.posted
+    release = _held(p)
+    for tx, _ in rooms:
+        r = tx.room.id
+        tx.send([8 * r + 1, 8 * r])
+        tx.send([8 * r + 7, 8 * r + 3])
+    release()
+    assert wait(lambda: all(tx.poll() is rx.poll() is KVPoll.Success for tx, rx in rooms))
+    assert p.agent.posted - posted == 1  # 16 chunks, aux rows included, in one transfer
+    for tx, _ in rooms:
+        r = tx.room.id
+        for src, dst in zip(p.pool.layers, d.pool.layers, strict=True):
+            assert torch.equal(dst[4 * r : 4 * r + 4], src[[8 * r + 1, 8 * r, 8 * r + 7, 8 * r + 3]])
+        assert torch.equal(d.pool.aux[r % 8], p.pool.aux[r % 8])
+    assert wait(lambda: p.snapshot()["in_flight"] == 0) and p.agent.released == p.agent.posted
+
+
+def test_a_room_aborted_in_a_burst_is_left_out_of_the_joined_transfer(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    p, d = pair
+    rooms = _burst_rooms(p, d, range(4))
+    release = _held(p)
+    for tx, _ in rooms:
+        tx.send([8 * tx.room.id + k for k in range(4)])
+    rooms[2][0].abort("the scheduler dropped it")
+    release()
+    others = [pair_ for i, pair_ in enumerate(rooms) if i != 2]
+    assert wait(lambda: all(tx.poll() is rx.poll() is KVPoll.Success for tx, rx in others))
+    assert wait(lambda: rooms[2][1].poll() is KVPoll.Failed) and rooms[2][0].poll() is KVPoll.Failed
+    assert not d.pool.layers[0][8:12].any()  # none of its bytes was posted
+    with pytest.raises(RemoteFailureError, match="dropped it"):
+        rooms[2][1].failure_exception()
+
+
+def test_a_failed_joined_transfer_fails_the_rooms_it_carries_and_no_other(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    from nixl._bindings import nixlBackendError
+
+    p, d = pair
+    rooms = _burst_rooms(p, d, range(5))
+    agent = p.agent._agent
+    real = agent.transfer
+
+    def failing(handle: object) -> object:
+        agent.transfer = real
+        raise nixlBackendError("injected: the WRITE failed to start")
+
+    release = _held(p)
+    agent.transfer = failing
+    for tx, _ in rooms[:4]:
+        tx.send([8 * tx.room.id + k for k in range(4)])
+    release()
+    assert wait(lambda: all(tx.poll() is rx.poll() is KVPoll.Failed for tx, rx in rooms[:4]))
+    for tx, _ in rooms[:4]:
+        with pytest.raises(KVRoomError, match=r"WRITE rooms \[0, 1, 2, 3\].*injected"):
+            tx.failure_exception()
+    tx, rx = rooms[4]
+    tx.send([32, 33, 34, 35])  # a room of a later turn is untouched
+    assert wait(lambda: tx.poll() is rx.poll() is KVPoll.Success)

@@ -156,6 +156,17 @@ def test_every_layout_moves_exactly_the_logical_bytes_once(
     check_room(dst_mem, truth, room)
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_a_burst_of_chunks_planned_joined_moves_the_same_bytes_once(
+    scenario: tuple[list[RankLayout], list[RankLayout], Room],
+) -> None:
+    """Prefill's outbox plans a burst of chunks in one pass: the same bytes, each once."""
+    sources, destinations, room = scenario
+    dst_mem, _, truth = run_room(sources, destinations, ITEMS_SRC, ITEMS_DST, room, joined=True)
+    check_room(dst_mem, truth, room)
+
+
 # -- named cases, one per family -------------------------------------------------
 
 

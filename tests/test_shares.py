@@ -7,7 +7,7 @@ import pytest
 from kvroom.planning import RankRegions, group_ranks, synthetic_pool
 from kvroom.shares import decode_sources, state_rows
 from kvroom.transport.codec import MAGIC, ProtocolError, decode, encode
-from kvroom.transport.notif import Notif, notif_message, parse_notif
+from kvroom.transport.notif import Notif, notif_message, parse_notif, parse_notifs
 from tests.families import _family
 
 
@@ -49,6 +49,11 @@ def test_decode_sources_count_pages_only_from_ranks_that_write_pages() -> None:
 
 def test_notifications_and_room_state_rows_on_the_wire() -> None:
     assert parse_notif(notif_message(7, 3, 16, 0, True)) == Notif(7, 3, 16, 0, True)
+    joined = b";".join([notif_message(7, 3, 16, 0, True), notif_message(9, 0, 0, 4, False)])
+    assert parse_notifs(joined) == [Notif(7, 3, 16, 0, True), Notif(9, 0, 0, 4, False)]
+    assert parse_notifs(notif_message(1, 0, 0, 2, False)) == [Notif(1, 0, 0, 2, False)]
+    for bad_joined in (joined + b";", joined + b";kvr2:1:x:0:0:1", b";" + joined, b""):
+        assert parse_notifs(bad_joined) == []  # one malformed entry: the whole message is not ours
     fields = {"room": 1, "aux_index": None, "prefix_pages": 0, "npages": 0, "staging": None, "chunk_pages": 4}
     assert decode(encode("room", fields), 1 << 20).fields["state"] is None  # may be left out
     frames = encode("room", {**fields, "state": {"mamba": [1]}})

@@ -19,7 +19,7 @@ from kvroom.planning.assign import (
 )
 from kvroom.planning.families import attention_buffers, aux_buffers, draft_buffers, mamba_buffers
 from kvroom.planning.layout import DTYPE_BYTES, Buffer, ModelLayout, RankLayout, Section, pp_layers, tp_heads
-from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan, align_chunk
+from kvroom.planning.plan import ChunkIndices, JoinedIndices, WritePart, WritePlan, align_chunk, join_indices
 from kvroom.planning.ranks import RankRegions, from_kv_pool, synthetic_pool
 from kvroom.planning.route import PairRoute, item_spans, plan_writes, route
 from kvroom.planning.staging import staging_bytes, staging_rank, whole_share
@@ -29,6 +29,7 @@ __all__ = [
     "Assignment",
     "Buffer",
     "ChunkIndices",
+    "JoinedIndices",
     "ModelLayout",
     "PairRoute",
     "RankLayout",
@@ -45,6 +46,7 @@ __all__ = [
     "from_kv_pool",
     "group_ranks",
     "item_spans",
+    "join_indices",
     "mamba_buffers",
     "plan_writes",
     "pp_layers",

@@ -8,19 +8,20 @@ side).  :mod:`kvroom.planning.route` builds them.
 
 :func:`align_chunk` turns a prefill chunk (pages ``offset..`` of the request)
 and decode's page list after its prefix into the page pairs to move; state
-and aux indices ride with the last chunk.
+and aux indices ride with the last chunk.  :func:`join_indices` joins several
+chunks' pairs, so one pass plans a burst of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvroom.transport.descriptors import DescArray, IntArray
 
-__all__ = ["ChunkIndices", "WritePart", "WritePlan", "align_chunk"]
+__all__ = ["ChunkIndices", "JoinedIndices", "WritePart", "WritePlan", "align_chunk", "join_indices"]
 
 IndexPair = tuple[IntArray, IntArray]
 
@@ -55,6 +56,29 @@ class ChunkIndices:
                 return None
             return np.array([self.aux[0]], np.int64), np.array([self.aux[1]], np.int64)
         return self.state.get(space)
+
+
+@dataclass(frozen=True)
+class JoinedIndices:
+    """Several chunks' index pairs joined per space, to plan them in one pass (prefill's outbox)."""
+
+    by_space: Mapping[str, IndexPair]
+
+    def pairs(self, space: str) -> IndexPair | None:
+        """The joined index pairs for ``space``, or None when no chunk has any."""
+        return self.by_space.get(space)
+
+
+def join_indices(chunks: Sequence[ChunkIndices], spaces: Iterable[str]) -> JoinedIndices:
+    """``chunks`` joined per space of ``spaces``, in order: planning them is planning each."""
+    out: dict[str, IndexPair] = {}
+    for space in spaces:
+        got = [p for c in chunks if (p := c.pairs(space)) is not None and p[0].size]
+        if len(got) == 1:
+            out[space] = got[0]
+        elif got:
+            out[space] = (np.concatenate([p[0] for p in got]), np.concatenate([p[1] for p in got]))
+    return JoinedIndices(out)
 
 
 def align_chunk(

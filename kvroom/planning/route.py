@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from kvroom.planning.assign import Assignment
 from kvroom.planning.layout import Buffer, RankLayout
-from kvroom.planning.plan import ChunkIndices, WritePart, WritePlan
+from kvroom.planning.plan import ChunkIndices, JoinedIndices, WritePart, WritePlan
 from kvroom.planning.ranks import RankRegions
 from kvroom.transport.descriptors import DescArray, IntArray, page_runs
 from kvroom.transport.regions import Region
@@ -149,6 +149,21 @@ class PairRoute:
 
     def __init__(self, groups: list[_Group]) -> None:
         self._groups = groups
+        self.item_bytes: dict[str, int] = {}  # bytes moved per item, per index space
+        for g in groups:
+            per_buffer = int(g.spans[:, 2].sum()) if g.spans is not None else None
+            moved = len(g.src_bases) * per_buffer if per_buffer is not None else int(g.src_items.sum())
+            self.item_bytes[g.space] = self.item_bytes.get(g.space, 0) + moved
+        self.mems = frozenset((g.src_mem, g.dst_mem) for g in groups)  # memory-kind pairs (one part each)
+
+    def moved_bytes(self, indices: ChunkIndices | JoinedIndices) -> int:
+        """The bytes :meth:`writes` would move for ``indices`` (without planning them)."""
+        total = 0
+        for space, per_item in self.item_bytes.items():
+            pair = indices.pairs(space)
+            if pair is not None:
+                total += int(pair[0].size) * per_item
+        return total
 
     @property
     def empty(self) -> bool:
@@ -169,7 +184,7 @@ class PairRoute:
         """
         return any(g.spans is not None and g.space == "kv" for g in self._groups)
 
-    def writes(self, indices: ChunkIndices) -> WritePlan | None:
+    def writes(self, indices: ChunkIndices | JoinedIndices) -> WritePlan | None:
         """The WRITEs of the chunk ``indices``; None when nothing moves.
 
         Raises ValueError when an index falls outside a region or a space's

@@ -32,16 +32,25 @@ def unique_agent_name(role: str) -> str:
 
 @dataclass(eq=False)
 class Transfer:
-    """One posted WRITE: its handle, the room it serves, and its fate."""
+    """One posted NIXL transfer: its handle, the WRITEs it carries, and its fate.
 
-    room: int
+    ``rooms`` holds ``(room, ends_room)`` per WRITE joined into it (one entry
+    unless prefill's outbox joined several).
+    """
+
+    rooms: tuple[tuple[int, bool], ...]
     peer: str
-    last: bool
     handle: Any
     released: bool = field(default=False)
 
+    @property
+    def room_ids(self) -> frozenset[int]:
+        """The rooms whose bytes it carries."""
+        return frozenset(room for room, _ in self.rooms)
+
     def __repr__(self) -> str:
-        return f"<Transfer room={self.room} peer={self.peer} last={self.last} released={self.released}>"
+        rooms = ",".join(str(r) for r in sorted(self.room_ids))
+        return f"<Transfer rooms={rooms} writes={len(self.rooms)} peer={self.peer} released={self.released}>"
 
 
 class NixlAgent:
@@ -113,17 +122,19 @@ class NixlAgent:
         remote: DescArray,
         remote_mem: str,
         notif: bytes,
-        room: int,
-        last: bool,
+        rooms: tuple[tuple[int, bool], ...],
     ) -> tuple[Transfer, str]:
-        """Post a WRITE of ``local`` rows into ``remote`` rows; returns (transfer, state)."""
+        """Post a WRITE of ``local`` rows into ``remote`` rows; returns (transfer, state).
+
+        ``rooms``: ``(room, ends_room)`` per WRITE the rows carry.
+        """
         ldescs = self._agent.get_xfer_descs(np.ascontiguousarray(local), local_mem)
         rdescs = self._agent.get_xfer_descs(np.ascontiguousarray(remote), remote_mem)
         if ldescs is None or rdescs is None:  # NIXL logs and returns None on bad input
-            raise ValueError(f"room {room}: NIXL rejected the descriptor lists")
+            raise ValueError(f"rooms {sorted({r for r, _ in rooms})}: NIXL rejected the descriptor lists")
         handle = self._agent.initialize_xfer("WRITE", ldescs, rdescs, peer, notif)
         self.posted += 1
-        transfer = Transfer(room, peer, last, handle)
+        transfer = Transfer(rooms, peer, handle)
         try:
             state = self._agent.transfer(handle)
         except BaseException:

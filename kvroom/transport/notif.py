@@ -5,13 +5,17 @@ and decode rank, from 0) of one prefill rank filled pages ``start..start+npages`
 of the decode rank's page list (0 pages for state and aux rows); ``last``
 marks the final WRITE of that prefill rank's share, so its ``seq + 1`` is how
 many WRITEs the share took, whatever order the notifications arrive in.
+
+One NIXL transfer may carry several WRITEs (prefill's outbox joins a worker
+turn's WRITEs to one decode agent): its notification is theirs joined by
+``;``, and :func:`parse_notifs` returns each.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["Notif", "notif_message", "parse_notif"]
+__all__ = ["Notif", "notif_message", "parse_notif", "parse_notifs"]
 
 
 def notif_message(room: int, seq: int, start: int, npages: int, last: bool) -> bytes:
@@ -40,3 +44,14 @@ def parse_notif(msg: bytes) -> Notif | None:
     if tag != "kvr2" or min(room, seq, start, npages) < 0 or last not in ("0", "1"):
         return None
     return Notif(room, seq, start, npages, last == "1")
+
+
+def parse_notifs(msg: bytes) -> list[Notif]:
+    """Every notification in ``msg`` (one, or several joined by ``;``); [] if any is malformed."""
+    out: list[Notif] = []
+    for part in msg.split(b";"):
+        one = parse_notif(part)
+        if one is None:
+            return []
+        out.append(one)
+    return out
