@@ -7,7 +7,8 @@ aux row and (qwen3-next, gpt-oss-20b) its state rows in the last chunk.  The
 raw NIXL script posts exactly the descriptor lists the planner gives for the
 same chunks (one WRITE per chunk and memory-kind pair, with a notification) and
 decode counts the notifications; no rooms, no protocol.  Timing starts when
-every room could send and stops when prefill sees every room done.
+every room could send and stops when prefill sees every room done (both
+schedulers wait on an observer's event, as in ``transfer.py``).
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ def _spaces(regions: Any) -> frozenset[str]:
 
 def kvroom_prefill(conn: Connection, w: Workload, tp_rank: int) -> None:
     """One prefill rank through kvroom."""
+    from transfer import Finished  # the scheduler's wake-up: an observer, not a polling tick
+
     from kvroom import KVManager, KVPoll, KVSender
 
     regions, _tensors = _setup(w, "prefill", tp_rank)
-    manager = KVManager("prefill", regions, audit=False)
+    finished = Finished(w.rooms)
+    manager = KVManager("prefill", regions, observer=finished, audit=False)
     conn.send(manager.bootstrap_addr)
     conn.recv()  # decode sent every page list
     src = w.page_lists(1)
@@ -90,21 +94,23 @@ def kvroom_prefill(conn: Connection, w: Workload, tp_rank: int) -> None:
             last = c == w.chunks - 1
             state = w.state(room, src[room], spaces) if last and spaces else None
             s.send(src[room][c * step : (c + 1) * step], state_indices=state)
-    waiting = senders
-    while waiting:  # a scheduler loop (2 ms tick)
-        waiting = [s for s in waiting if s.poll() is not KVPoll.Success]
-        time.sleep(0.002)
-    conn.send(time.perf_counter() - start)
+    finished.done.wait()
+    elapsed = time.perf_counter() - start
+    assert all(s.poll() is KVPoll.Success for s in senders)
+    conn.send(elapsed)
     conn.recv()
     manager.close()
 
 
 def kvroom_decode(conn: Connection, w: Workload, tp_rank: int, addrs: list[str]) -> None:
     """One decode rank through kvroom."""
+    from transfer import Finished
+
     from kvroom import KVManager, KVPoll, KVReceiver
 
     regions, _tensors = _setup(w, "decode", tp_rank)
-    manager = KVManager("decode", regions, audit=False)
+    finished = Finished(w.rooms)
+    manager = KVManager("decode", regions, observer=finished, audit=False)
     dst, spaces = w.page_lists(2), _spaces(regions)
     receivers = []
     for room in range(w.rooms):
@@ -114,9 +120,8 @@ def kvroom_decode(conn: Connection, w: Workload, tp_rank: int, addrs: list[str])
         rx.send_metadata(dst[room], aux_index=room, state_indices=state)
         receivers.append(rx)
     conn.send("ready")
-    while receivers:  # a scheduler loop (5 ms tick)
-        receivers = [r for r in receivers if r.poll() is not KVPoll.Success]
-        time.sleep(0.005)
+    finished.done.wait()
+    assert all(r.poll() is KVPoll.Success for r in receivers)
     conn.send("done")
     conn.recv()
     manager.close()
