@@ -160,6 +160,7 @@ class KVManager:
             raise
         self.bootstrap_addr: str = getattr(self.side, "address", "")
         self._thread = threading.Thread(target=self._run, name=f"kvroom-{self.role.value}", daemon=True)
+        self.worker = self._thread  # the one thread that owns the NIXL agent and the sockets
         self._thread.start()
 
     def _registered_regions(self) -> list[Region]:

@@ -39,6 +39,7 @@ Every protocol input goes through :meth:`PrefillSide.react`.
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -263,7 +264,10 @@ class PrefillSide:
             room = self.m.table.get(record.room)
             if room is not None:
                 peers = room.peers
-                self.m.enqueue(lambda: self._send_commit(record.room, peers))
+                if threading.current_thread() is self.m.worker:  # the usual case: a vote or a DONE
+                    self._send_commit(record.room, peers)  # now, not a loop turn later
+                else:
+                    self.m.enqueue(lambda: self._send_commit(record.room, peers))
             return
         if record.dst is not KVPoll.Failed:
             return
