@@ -135,4 +135,4 @@ class PageAllocator:
 
     def release(self, pages: torch.Tensor) -> None:
         """Give pages back."""
-        self.free.extend(int(p) for p in pages)
+        self.free.extend(pages.tolist())  # not a tensor iteration: one Python int per page, fast
