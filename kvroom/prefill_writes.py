@@ -1,0 +1,257 @@
+"""Prefill's write path: chunks to planned WRITEs, the outbox, posting, completions and faults.
+
+:class:`PrefillWrites` is the part of :class:`~kvroom.prefill.PrefillSide`
+that turns a ``send()`` chunk into WRITEs for every decode rank of the room
+(:func:`~kvroom.planning.align_chunk`, then the peer's cached route or the
+staging ring, :mod:`kvroom.shares`), queues them in the turn's
+:class:`~kvroom.outbox.Outbox`, posts each batch as one NIXL transfer
+(:meth:`PrefillWrites.flush`), and turns DONE into ``COMPLETE`` and NIXL
+faults into protocol inputs.  Only the worker thread runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from kvroom.errors import PeerLostError
+from kvroom.fsm import Event, KVPoll, RoomStore
+from kvroom.fsm.room import Room
+from kvroom.outbox import Batch, Outbox
+from kvroom.planning import align_chunk
+from kvroom.protocol import Input
+from kvroom.protocol.verdicts import Verdicts
+from kvroom.shares import ChunkWrite, DeferredWrite, deferred_writes, direct_writes, staged_writes
+from kvroom.transport.descriptors import IntArray
+from kvroom.transport.faults import classify
+from kvroom.transport.nixl import Transfer
+from kvroom.transport.notif import notif_message
+
+if TYPE_CHECKING:
+    from kvroom.manager import KVManager
+    from kvroom.prefill import DecodePeer, SendPlan, TransferInfo
+    from kvroom.protocol import PrefillVerdict
+
+__all__ = ["PrefillWrites"]
+
+
+class PrefillWrites:
+    """The write path, for :class:`~kvroom.prefill.PrefillSide`."""
+
+    m: KVManager
+    send_plans: RoomStore[SendPlan]
+    handles: RoomStore[list[Transfer]]
+    verdicts: Verdicts[PrefillVerdict]
+    by_agent: dict[str, DecodePeer]
+    outbox: Outbox
+    active: list[Transfer]
+    draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]]
+
+    if TYPE_CHECKING:  # PrefillSide's
+
+        def react(
+            self,
+            room: Room,
+            inp: Input,
+            rank: str | None = None,
+            *,
+            reason: str = "",
+            error: BaseException | None = None,
+            ranks_left: int = 1,
+            state: KVPoll | None = None,
+        ) -> None: ...
+
+        def peer_lost(self, peer: DecodePeer, error: PeerLostError, now: float) -> None: ...
+
+        def _notify_failed(self, agent: str, room_id: int, reason: str) -> None: ...
+
+    def post_chunk(self, room: Room, src: IntArray, offset: int, last: bool) -> None:
+        """Worker: WRITE one chunk of ``room`` (pages ``offset..`` of the request) to every rank."""
+        if not room.live:
+            return
+        infos: dict[str, TransferInfo] | None = self.m.table.transfer_infos.get(room.id)
+        plan = self.send_plans.get(room.id)
+        if infos is None or plan is None:
+            return
+        writes: list[tuple[DecodePeer, ChunkWrite | DeferredWrite]] = []
+        ends: list[DecodePeer] = []  # ranks whose share ends with no WRITE in this chunk
+        for info in infos.values():
+            peer = self.by_agent.get(info.peer)
+            if peer is None:
+                return  # the peer is gone; its rooms were failed with it
+            try:
+                mine = self._chunk_writes(peer, info, plan, src, offset, last) if info.writes else []
+            except ValueError as exc:
+                self.react(room, Input.WRITE_ERROR, peer.agent, reason=f"room {room.id}: {exc}", error=exc)
+                return
+            writes.extend((peer, w) for w in mine)
+            if last and not mine:
+                ends.append(peer)
+        if last:  # Success also waits for the votes (coordinator) or the relayed commit: count first
+            verdict = self.verdicts.of(room)
+            if verdict is None:
+                return
+            with room.lock:
+                room.chunks_needed += verdict.needed(len(infos))
+            self.react(room, Input.DELIVERED)
+        for peer in ends:
+            if not self._notify_end(room, peer, plan):
+                return
+        if writes:
+            with room.lock:  # count every WRITE of the chunk before any of them can complete
+                if not room.live:
+                    return
+                room.chunks_needed += len(writes)
+        final = {peer.agent: i for i, (peer, _) in enumerate(writes)} if last else {}
+        for i, (peer, w) in enumerate(writes):
+            seq = plan.seqs.get(peer.agent, 0)
+            plan.seqs[peer.agent] = seq + 1
+            notif = notif_message(room.id, seq, w.start, w.npages, final.get(peer.agent) == i)
+            full = self.outbox.add(peer.agent, w, notif, room.id, last and i == len(writes) - 1)
+            if full is not None:
+                self._post(full)
+        if last and not writes:  # nothing to copy: the room ends here
+            self.m.fire(room, Event.COMPLETE, aux=True)
+
+    def flush(self) -> None:
+        """Worker, after a turn's commands: post every WRITE the outbox holds."""
+        for batch in self.outbox.take():
+            self._post(batch)
+
+    def _chunk_writes(
+        self, peer: DecodePeer, info: TransferInfo, plan: SendPlan, src: IntArray, offset: int, last: bool
+    ) -> Sequence[ChunkWrite | DeferredWrite]:
+        """The WRITEs of pages ``src`` (request pages ``offset..``), and with the last its rows."""
+        aux = None
+        if plan.aux_index is not None and info.aux_index is not None:
+            aux = (plan.aux_index, info.aux_index)
+        state: dict[str, tuple[object, object]] = {}
+        for space in sorted(peer.route.spaces - {"kv", "aux"}) if last else ():
+            ours, theirs = (plan.state or {}).get(space), info.state.get(space)
+            if ours is None or theirs is None:
+                side = "the sender" if ours is None else f"decode {peer.agent}"
+                raise ValueError(f"state {space!r}: {side} gave no state_indices for it")
+            state[space] = (ours, theirs)
+        indices = align_chunk(src, offset, info.pages, info.prefix_pages, last=last, state=state, aux=aux)
+        if info.staging is None:
+            deferred = deferred_writes(peer.route, indices)  # planned with the turn's others
+            return direct_writes(peer.route, indices) if deferred is None else deferred
+        tensors, kv = self.m.tensors, peer.rank.pool.kv[0]
+        assert tensors is not None  # _parse_info refuses staging otherwise
+        return staged_writes(
+            self.m.regions, peer.route, indices, info.staging, info.chunk_pages, int(info.pages.size),
+            peer.staging[0], tensors.staging_unit_bytes, kv.mem, kv.device,
+        )  # fmt: skip
+
+    def _notify_end(self, room: Room, peer: DecodePeer, plan: SendPlan) -> bool:
+        """A rank's share ended with no WRITE: tell it in a bare notification."""
+        seq = plan.seqs.get(peer.agent, 0)
+        try:
+            self.m.agent.notify(peer.agent, notif_message(room.id, seq, 0, 0, True))
+        except Exception as exc:
+            self._fault([room.id], peer, exc, "notify", self.m.clock())
+            return False
+        plan.seqs[peer.agent] = seq + 1
+        return True
+
+    def _live(self, room_id: int) -> bool:
+        room = self.m.table.get(room_id)
+        return room is not None and room.live
+
+    def _post(self, batch: Batch) -> None:
+        """Post one batch of WRITEs as one transfer, without the rooms that failed meanwhile."""
+        peer = self.by_agent.get(batch.agent)
+        if peer is None:
+            return  # the peer is gone; its rooms were failed with it
+        batch = batch.keep(self._live)
+        if not batch.entries:
+            return
+        try:
+            local, remote = batch.rows()
+        except ValueError:  # some room's index is out of range: fail those rooms, post the rest
+            batch, bad = batch.split()
+            for room_id, exc in bad:
+                room = self.m.table.get(room_id)
+                if room is not None:
+                    reason = f"room {room_id}: {exc}"
+                    self.react(room, Input.WRITE_ERROR, peer.agent, reason=reason, error=exc)
+            if not batch.entries:
+                return
+            local, remote = batch.rows()
+        try:
+            transfer, state = self.m.agent.write(
+                batch.agent, local, batch.local_mem, remote, batch.remote_mem, batch.notif, batch.rooms
+            )
+        except Exception as exc:
+            self._fault(sorted({e.room for e in batch.entries}), peer, exc, "WRITE", self.m.clock())
+            return
+        tracked: set[int] = set()
+        for e in batch.entries:
+            plan = self.send_plans.get(e.room)
+            if plan is not None:
+                plan.bytes_posted += e.nbytes
+            if e.room in tracked:
+                continue
+            tracked.add(e.room)
+            room = self.m.table.get(e.room)
+            if room is None:
+                continue
+            with room.lock:
+                if room.live:
+                    handles = self.handles.get(room.id)
+                    if handles is None:
+                        handles = []
+                        self.handles.put_locked(room, handles)
+                    handles.append(transfer)
+        if state == "DONE":
+            self._done(transfer)
+        else:
+            self.active.append(transfer)
+
+    def _done(self, transfer: Transfer) -> None:
+        self.m.agent.release(transfer)
+        for room_id, ends_room in transfer.rooms:
+            room = self.m.table.get(room_id)
+            if room is not None and transfer.peer in room.peers:
+                self.m.fire(room, Event.COMPLETE, chunks=1, aux=ends_room)
+
+    def _fault(self, rooms: list[int], peer: DecodePeer, exc: BaseException, what: str, now: float) -> None:
+        """A NIXL call for ``rooms`` failed: lose the peer, or fail those rooms (re-raise a bug)."""
+        where = f"room {rooms[0]}" if len(rooms) == 1 else f"rooms {rooms}"
+        error = classify(exc, f"{what} {where} to {peer.agent}")
+        if error is None:
+            raise exc  # a bug, not a transport fault
+        if isinstance(error, PeerLostError):
+            self.peer_lost(peer, error, now)
+            return
+        for room_id in rooms:
+            room = self.m.table.get(room_id)
+            if room is not None:
+                self.react(room, Input.WRITE_ERROR, peer.agent, reason=str(error), error=error)
+
+    def _poll_transfers(self, now: float) -> None:
+        still = []
+        agent = self.m.agent
+        for t in self.active:
+            if t.released:
+                continue
+            try:
+                state = agent.state(t)
+            except Exception as exc:
+                agent.release(t)
+                peer = self.by_agent.get(t.peer)
+                if peer is not None:
+                    self._fault(sorted(t.room_ids), peer, exc, "WRITE", now)
+                continue
+            if state == "DONE":
+                self._done(t)
+            else:
+                still.append(t)
+        self.active = [t for t in still if not t.released]
+
+    def _poll_draining(self) -> None:
+        for room_id, (peers, reason, transfers) in list(self.draining.items()):
+            if all(t.released for t in transfers):
+                del self.draining[room_id]
+                for agent in peers:
+                    self._notify_failed(agent, room_id, reason)
