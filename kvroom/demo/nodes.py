@@ -109,7 +109,10 @@ class _Wake:
     """The manager's observer: forwards to the audit observer and wakes the scheduler loop.
 
     A room's state change appends its id and writes a byte to a pipe the loop
-    sleeps on; terminal transitions also keep their time.
+    sleeps on, unless a byte is already pending: ``os.write`` lets go of the GIL,
+    and on kvroom's worker (which fires the transitions) each release can cost a
+    wait for the scheduler thread to give it back.  Terminal transitions also
+    keep their time.
     """
 
     def __init__(self, inner: Any) -> None:
@@ -119,6 +122,7 @@ class _Wake:
         os.set_blocking(self._w, False)
         self.changed: deque[int] = deque()
         self.ended: dict[int, float] = {}
+        self._pending = False  # a wake-up byte is in the pipe and take() has not run since
 
     def on_create(self, record: Any) -> None:
         if self.inner is not None:
@@ -130,9 +134,11 @@ class _Wake:
         if record.src is not record.dst:
             if record.dst.name in ("Success", "Failed"):
                 self.ended[record.room] = record.time
-            self.changed.append(record.room)
-            with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
-                os.write(self._w, b"x")
+            self.changed.append(record.room)  # before the flag: take() clears it before reading
+            if not self._pending:
+                self._pending = True
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                    os.write(self._w, b"x")
 
     def on_cleanup(self, record: Any) -> None:
         if self.inner is not None:
@@ -144,6 +150,7 @@ class _Wake:
 
     def take(self) -> list[int]:
         """Rooms that changed since the last call (drains the pipe first: no lost wake-up)."""
+        self._pending = False  # a change from now on writes a byte again
         with contextlib.suppress(BlockingIOError):
             while os.read(self.fd, 4096):
                 pass
