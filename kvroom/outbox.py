@@ -6,7 +6,9 @@ a request, its polling and its release; measured in ``benchmarks/README.md``).
 A forward batch ends with one ``send()`` per request, so chunks arrive in
 bursts: the worker plans every queued chunk, and the outbox joins the WRITEs
 bound for the same decode agent and memory kinds into one transfer (up to
-``max_bytes`` or ``max_writes``), whose one notification lists each WRITE's own
+``max_bytes``, ``max_writes`` or ``max_rows`` descriptor rows: per-token rows of
+interleaved head slices must not pile up into one giant list), whose one
+notification lists each WRITE's own
 (``;``-separated, :func:`~kvroom.transport.notif.parse_notifs`).  Decode counts
 every entry as if it had come alone.  A lone chunk is posted alone, in the same
 worker turn: batching never waits for more work.  Chunks into a route with one
@@ -37,10 +39,11 @@ from kvroom.planning import ChunkIndices, PairRoute, join_indices
 from kvroom.shares import ChunkWrite, DeferredWrite
 from kvroom.transport.descriptors import DescArray
 
-__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_WRITES", "Batch", "Entry", "Outbox"]
+__all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_ROWS", "MAX_BATCH_WRITES", "Batch", "Entry", "Outbox"]
 
 MAX_BATCH_BYTES = 32 << 20  # ~5 ms of copy here: a batch's first room waits at most that for the rest
 MAX_BATCH_WRITES = 64
+MAX_BATCH_ROWS = 1 << 16  # descriptor rows per side: what one chunk of per-token rows may take alone
 
 
 class Entry(NamedTuple):
@@ -49,6 +52,7 @@ class Entry(NamedTuple):
     room: int
     ends_room: bool  # the room's final WRITE to this agent (its completion carries the aux flag)
     nbytes: int
+    rows: int  # descriptor rows per side (at most, for a deferred entry)
     notif: bytes
     local: DescArray | None
     remote: DescArray | None
@@ -65,13 +69,21 @@ class Batch:
     remote_mem: str
     entries: list[Entry] = field(default_factory=list)
     nbytes: int = 0
+    nrows: int = 0  # descriptor rows per side (an upper bound where entries are deferred)
 
     def keep(self, live: Callable[[int], bool]) -> Batch:
         """The batch without the entries of rooms for which ``live(room)`` is false."""
         kept = [e for e in self.entries if live(e.room)]
         if len(kept) == len(self.entries):
             return self
-        return Batch(self.agent, self.local_mem, self.remote_mem, kept, sum(e.nbytes for e in kept))
+        return Batch(
+            self.agent,
+            self.local_mem,
+            self.remote_mem,
+            kept,
+            sum(e.nbytes for e in kept),
+            sum(e.rows for e in kept),
+        )
 
     def rows(self) -> tuple[DescArray, DescArray]:
         """The joined descriptor rows, local and remote (row ``i`` of one is copied to ``i`` of the other).
@@ -107,7 +119,15 @@ class Batch:
                 bad.append((e.room, exc))
             else:
                 good.append(e)
-        return Batch(self.agent, self.local_mem, self.remote_mem, good, sum(e.nbytes for e in good)), bad
+        kept = Batch(
+            self.agent,
+            self.local_mem,
+            self.remote_mem,
+            good,
+            sum(e.nbytes for e in good),
+            sum(e.rows for e in good),
+        )
+        return kept, bad
 
     @property
     def notif(self) -> bytes:
@@ -123,11 +143,19 @@ class Batch:
 class Outbox:
     """Planned WRITEs waiting for the end of the worker's turn (one thread: the worker)."""
 
-    def __init__(self, max_bytes: int = MAX_BATCH_BYTES, max_writes: int = MAX_BATCH_WRITES) -> None:
-        if max_bytes <= 0 or max_writes <= 0:
-            raise ValueError(f"outbox limits must be positive, got {max_bytes} bytes, {max_writes} writes")
+    def __init__(
+        self,
+        max_bytes: int = MAX_BATCH_BYTES,
+        max_writes: int = MAX_BATCH_WRITES,
+        max_rows: int = MAX_BATCH_ROWS,
+    ) -> None:
+        if max_bytes <= 0 or max_writes <= 0 or max_rows <= 0:
+            raise ValueError(
+                f"outbox limits must be positive, got {max_bytes} bytes, {max_writes} writes, {max_rows} rows"
+            )
         self.max_bytes = max_bytes
         self.max_writes = max_writes
+        self.max_rows = max_rows
         self._open: dict[tuple[str, str, str], Batch] = {}
 
     def __len__(self) -> int:
@@ -142,12 +170,26 @@ class Outbox:
         if batch is None:
             batch = self._open[key] = Batch(*key)
         if isinstance(write, DeferredWrite):
-            entry = Entry(room, ends_room, write.nbytes, notif, None, None, write.indices, write.route)
+            entry = Entry(
+                room, ends_room, write.nbytes, write.rows, notif, None, None, write.indices, write.route
+            )
         else:
-            entry = Entry(room, ends_room, int(write.local[:, 1].sum()), notif, write.local, write.remote)
+            nbytes, rows = int(write.local[:, 1].sum()), int(write.local.shape[0])
+            entry = Entry(room, ends_room, nbytes, rows, notif, write.local, write.remote)
+        if batch.entries and batch.nrows + entry.rows > self.max_rows:  # post what waits, start afresh
+            full = batch
+            batch = self._open[key] = Batch(*key)
+            batch.entries.append(entry)
+            batch.nbytes, batch.nrows = entry.nbytes, entry.rows
+            return full
         batch.entries.append(entry)
         batch.nbytes += entry.nbytes
-        if batch.nbytes >= self.max_bytes or len(batch.entries) >= self.max_writes:
+        batch.nrows += entry.rows
+        if (
+            batch.nbytes >= self.max_bytes
+            or len(batch.entries) >= self.max_writes
+            or batch.nrows >= self.max_rows
+        ):
             del self._open[key]
             return batch
         return None

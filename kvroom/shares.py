@@ -135,6 +135,7 @@ class DeferredWrite(NamedTuple):
     start: int
     npages: int
     nbytes: int
+    rows: int  # descriptor rows per side, at most
 
 
 def deferred_writes(pair: PairRoute, indices: ChunkIndices) -> list[DeferredWrite] | None:
@@ -147,7 +148,8 @@ def deferred_writes(pair: PairRoute, indices: ChunkIndices) -> list[DeferredWrit
         return []
     ((local_mem, remote_mem),) = pair.mems
     npages = int(indices.pages[1].size) if "kv" in pair.spaces else 0
-    return [DeferredWrite(pair, indices, local_mem, remote_mem, indices.first, npages, nbytes)]
+    rows = pair.max_rows(indices)
+    return [DeferredWrite(pair, indices, local_mem, remote_mem, indices.first, npages, nbytes, rows)]
 
 
 def direct_writes(pair: PairRoute, indices: ChunkIndices) -> list[ChunkWrite]:

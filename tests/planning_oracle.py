@@ -166,7 +166,7 @@ def run_room(
 
     ``joined``: plan each rank pair's chunks all at once (:func:`join_indices`, as
     prefill's outbox does for a burst) instead of chunk by chunk.  Either way each
-    plan must move what the route's ``moved_bytes`` says.
+    plan must move what the route's ``moved_bytes`` says, in at most ``max_rows`` rows.
     """
     truth = logical_state(sources[0], items_src, seed)
     src_ranks = [
@@ -193,6 +193,7 @@ def run_room(
             for c in batches:
                 plan = bound.writes(c) if joined else plan_writes(src, rank, mine, c)  # type: ignore[arg-type]
                 assert bound.moved_bytes(c) == (plan.nbytes if plan is not None else 0)
+                assert bound.max_rows(c) >= sum(p.rows for p in (plan.parts if plan is not None else ()))
                 plans.append(plan)
                 if plan is not None:
                     execute(plan, src_mem[i], mem)

@@ -119,3 +119,21 @@ def test_a_bad_index_fails_only_the_rooms_whose_chunks_hold_it() -> None:
 def test_nothing_to_move_is_no_write() -> None:
     pair = _route()
     assert deferred_writes(pair, align_chunk(np.array([1, 2]), 0, np.array([3, 4]), 2)) == []
+
+
+def test_descriptor_rows_cap_a_batch_so_per_token_rows_do_not_pile_up() -> None:
+    box = Outbox(max_rows=10)
+    assert box.add("a", _write(0, n=4), b"n", 1, False) is None
+    assert box.add("a", _write(1 << 12, n=4), b"n", 2, False) is None
+    full = box.add("a", _write(2 << 12, n=4), b"n", 3, False)  # 12 rows would pass 10: post the 8 first
+    assert full is not None and full.rooms == ((1, False), (2, False)) and full.nrows == 8
+    assert box.add("a", _write(3 << 12, n=6), b"n", 4, False) is not None  # 4 + 6 reaches the cap
+    assert len(box) == 0
+
+
+def test_a_deferred_write_bounds_its_rows_from_the_route() -> None:
+    pair = _route()
+    indices = align_chunk(np.array([0, 1, 2, 5]), 0, np.array([3, 4, 5, 8]), 0)
+    (deferred,) = deferred_writes(pair, indices) or []
+    (alone,) = direct_writes(pair, indices)
+    assert deferred.rows >= alone.local.shape[0] and deferred.rows == pair.max_rows(indices)

@@ -150,11 +150,23 @@ class PairRoute:
     def __init__(self, groups: list[_Group]) -> None:
         self._groups = groups
         self.item_bytes: dict[str, int] = {}  # bytes moved per item, per index space
+        self.item_rows: dict[str, int] = {}  # descriptor rows per item at most (runs make fewer)
         for g in groups:
             per_buffer = int(g.spans[:, 2].sum()) if g.spans is not None else None
             moved = len(g.src_bases) * per_buffer if per_buffer is not None else int(g.src_items.sum())
+            rows = len(g.src_bases) * (len(g.spans) if g.spans is not None else 1)
             self.item_bytes[g.space] = self.item_bytes.get(g.space, 0) + moved
+            self.item_rows[g.space] = self.item_rows.get(g.space, 0) + rows
         self.mems = frozenset((g.src_mem, g.dst_mem) for g in groups)  # memory-kind pairs (one part each)
+
+    def max_rows(self, indices: ChunkIndices | JoinedIndices) -> int:
+        """At most how many descriptor rows (per side) :meth:`writes` gives for ``indices``."""
+        total = 0
+        for space, per_item in self.item_rows.items():
+            pair = indices.pairs(space)
+            if pair is not None:
+                total += int(pair[0].size) * per_item
+        return total
 
     def moved_bytes(self, indices: ChunkIndices | JoinedIndices) -> int:
         """The bytes :meth:`writes` would move for ``indices`` (without planning them)."""
