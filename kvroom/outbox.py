@@ -109,16 +109,20 @@ class Batch:
         return np.concatenate(locals_), np.concatenate(remotes)
 
     def split(self) -> tuple[Batch, list[tuple[int, ValueError]]]:
-        """The entries whose rows plan, and each room whose entry does not, with why."""
-        good: list[Entry] = []
+        """The entries of rooms whose every entry plans, and each room with one that does not, with why.
+
+        A failing room's other entries are left out too: the room fails, so none
+        of its bytes may be posted.
+        """
         bad: list[tuple[int, ValueError]] = []
         for e in self.entries:
             try:
                 Batch(self.agent, self.local_mem, self.remote_mem, [e]).rows()
             except ValueError as exc:
-                bad.append((e.room, exc))
-            else:
-                good.append(e)
+                if all(room != e.room for room, _ in bad):
+                    bad.append((e.room, exc))
+        failed = {room for room, _ in bad}
+        good = [e for e in self.entries if e.room not in failed]
         kept = Batch(
             self.agent,
             self.local_mem,

@@ -107,11 +107,15 @@ def test_a_bad_index_fails_only_the_rooms_whose_chunks_hold_it() -> None:
         indices = align_chunk(np.array([room * 2, room * 2 + 1]), 0, np.array(dst), 0)
         (deferred,) = deferred_writes(pair, indices) or []
         box.add("a", deferred, b"n", room, False)
+    good_chunk = align_chunk(np.array([9]), 2, np.array([7, 8, 6]), 0)  # room 1's next chunk plans fine
+    (deferred,) = deferred_writes(pair, good_chunk) or []
+    box.add("a", deferred, b"n", 1, True)
     (batch,) = box.take()
     with pytest.raises(ValueError, match="outside region"):
         batch.rows()
     good, bad = batch.split()
     assert [room for room, _ in bad] == [1] and "destination index 14" in str(bad[0][1])
+    # room 1 fails, so its chunk that would plan is left out too: nothing of it is posted
     assert good.rooms == ((0, False), (2, False)) and isinstance(good, Batch)
     assert good.rows()[0].shape[0] > 0
 
