@@ -159,9 +159,9 @@ class KVManager:
             self._ctx.term()
             raise
         self.bootstrap_addr: str = getattr(self.side, "address", "")
-        self._thread = threading.Thread(target=self._run, name=f"kvroom-{self.role.value}", daemon=True)
-        self.worker = self._thread  # the one thread that owns the NIXL agent and the sockets
-        self._thread.start()
+        # the one thread that owns the NIXL agent and the sockets
+        self.worker = threading.Thread(target=self._run, name=f"kvroom-{self.role.value}", daemon=True)
+        self.worker.start()
 
     def _registered_regions(self) -> list[Region]:
         regions = list(self.regions.pool)
@@ -298,7 +298,7 @@ class KVManager:
         self._stopping.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        self._thread.join(timeout)
+        self.worker.join(timeout)
         if self._own_observer is not None:
             self._own_observer.close()
         if self._metrics is not None:

@@ -71,19 +71,23 @@ class Batch:
     nbytes: int = 0
     nrows: int = 0  # descriptor rows per side (an upper bound where entries are deferred)
 
+    def append(self, entry: Entry) -> None:
+        """Add one WRITE, counting its bytes and rows."""
+        self.entries.append(entry)
+        self.nbytes += entry.nbytes
+        self.nrows += entry.rows
+
+    def _with(self, entries: list[Entry]) -> Batch:
+        """A batch for the same agent and memory kinds holding ``entries``."""
+        batch = Batch(self.agent, self.local_mem, self.remote_mem)
+        for e in entries:
+            batch.append(e)
+        return batch
+
     def keep(self, live: Callable[[int], bool]) -> Batch:
         """The batch without the entries of rooms for which ``live(room)`` is false."""
         kept = [e for e in self.entries if live(e.room)]
-        if len(kept) == len(self.entries):
-            return self
-        return Batch(
-            self.agent,
-            self.local_mem,
-            self.remote_mem,
-            kept,
-            sum(e.nbytes for e in kept),
-            sum(e.rows for e in kept),
-        )
+        return self if len(kept) == len(self.entries) else self._with(kept)
 
     def rows(self) -> tuple[DescArray, DescArray]:
         """The joined descriptor rows, local and remote (row ``i`` of one is copied to ``i`` of the other).
@@ -117,21 +121,12 @@ class Batch:
         bad: list[tuple[int, ValueError]] = []
         for e in self.entries:
             try:
-                Batch(self.agent, self.local_mem, self.remote_mem, [e]).rows()
+                self._with([e]).rows()
             except ValueError as exc:
                 if all(room != e.room for room, _ in bad):
                     bad.append((e.room, exc))
         failed = {room for room, _ in bad}
-        good = [e for e in self.entries if e.room not in failed]
-        kept = Batch(
-            self.agent,
-            self.local_mem,
-            self.remote_mem,
-            good,
-            sum(e.nbytes for e in good),
-            sum(e.rows for e in good),
-        )
-        return kept, bad
+        return self._with([e for e in self.entries if e.room not in failed]), bad
 
     @property
     def notif(self) -> bytes:
@@ -181,14 +176,9 @@ class Outbox:
             nbytes, rows = int(write.local[:, 1].sum()), int(write.local.shape[0])
             entry = Entry(room, ends_room, nbytes, rows, notif, write.local, write.remote)
         if batch.entries and batch.nrows + entry.rows > self.max_rows:  # post what waits, start afresh
-            full = batch
-            batch = self._open[key] = Batch(*key)
-            batch.entries.append(entry)
-            batch.nbytes, batch.nrows = entry.nbytes, entry.rows
-            return full
-        batch.entries.append(entry)
-        batch.nbytes += entry.nbytes
-        batch.nrows += entry.rows
+            self._open[key] = batch._with([entry])
+            return batch
+        batch.append(entry)
         if (
             batch.nbytes >= self.max_bytes
             or len(batch.entries) >= self.max_writes

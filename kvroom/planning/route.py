@@ -144,6 +144,16 @@ def _check(region: Region, indices: IntArray, side: str) -> None:
         raise ValueError(f"{side} index {bad} outside region {region.name!r} of {region.items} items")
 
 
+def _per_item(amounts: dict[str, int], indices: ChunkIndices | JoinedIndices) -> int:
+    """The sum over index spaces of ``amounts[space]`` times the items ``indices`` move in it."""
+    total = 0
+    for space, per_item in amounts.items():
+        pair = indices.pairs(space)
+        if pair is not None:
+            total += int(pair[0].size) * per_item
+    return total
+
+
 class PairRoute:
     """The fixed part of every plan from one source rank to one destination rank."""
 
@@ -161,21 +171,11 @@ class PairRoute:
 
     def max_rows(self, indices: ChunkIndices | JoinedIndices) -> int:
         """At most how many descriptor rows (per side) :meth:`writes` gives for ``indices``."""
-        total = 0
-        for space, per_item in self.item_rows.items():
-            pair = indices.pairs(space)
-            if pair is not None:
-                total += int(pair[0].size) * per_item
-        return total
+        return _per_item(self.item_rows, indices)
 
     def moved_bytes(self, indices: ChunkIndices | JoinedIndices) -> int:
         """The bytes :meth:`writes` would move for ``indices`` (without planning them)."""
-        total = 0
-        for space, per_item in self.item_bytes.items():
-            pair = indices.pairs(space)
-            if pair is not None:
-                total += int(pair[0].size) * per_item
-        return total
+        return _per_item(self.item_bytes, indices)
 
     @property
     def empty(self) -> bool:
