@@ -187,11 +187,13 @@ def run_room(
         for i, src in enumerate(src_ranks):
             mine = for_source(table, i)
             bound = route(src, rank, mine)
-            batches: list[ChunkIndices | JoinedIndices] = list(chunks)
+            batches: list[tuple[ChunkIndices | JoinedIndices, WritePlan | None]]
             if joined:
-                batches = [join_indices(chunks, bound.item_bytes)]
-            for c in batches:
-                plan = bound.writes(c) if joined else plan_writes(src, rank, mine, c)  # type: ignore[arg-type]
+                burst = join_indices(chunks, bound.item_bytes)
+                batches = [(burst, bound.writes(burst))]
+            else:
+                batches = [(c, plan_writes(src, rank, mine, c)) for c in chunks]
+            for c, plan in batches:
                 assert bound.moved_bytes(c) == (plan.nbytes if plan is not None else 0)
                 assert bound.max_rows(c) >= sum(p.rows for p in (plan.parts if plan is not None else ()))
                 plans.append(plan)

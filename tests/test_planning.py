@@ -146,24 +146,15 @@ def scenarios(draw: st.DrawFn) -> tuple[list[RankLayout], list[RankLayout], Room
     return [sources[i] for i in order], ranks(model, tp_dst, pp_dst), room
 
 
+@pytest.mark.parametrize("joined", [False, True], ids=["chunk_by_chunk", "joined"])
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
+@given(scenario=scenarios())
 def test_every_layout_moves_exactly_the_logical_bytes_once(
-    scenario: tuple[list[RankLayout], list[RankLayout], Room],
+    scenario: tuple[list[RankLayout], list[RankLayout], Room], joined: bool
 ) -> None:
+    """Chunk by chunk, or a burst joined in one pass (prefill's outbox): the same bytes, each once."""
     sources, destinations, room = scenario
-    dst_mem, _, truth = run_room(sources, destinations, ITEMS_SRC, ITEMS_DST, room)
-    check_room(dst_mem, truth, room)
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios())
-def test_a_burst_of_chunks_planned_joined_moves_the_same_bytes_once(
-    scenario: tuple[list[RankLayout], list[RankLayout], Room],
-) -> None:
-    """Prefill's outbox plans a burst of chunks in one pass: the same bytes, each once."""
-    sources, destinations, room = scenario
-    dst_mem, _, truth = run_room(sources, destinations, ITEMS_SRC, ITEMS_DST, room, joined=True)
+    dst_mem, _, truth = run_room(sources, destinations, ITEMS_SRC, ITEMS_DST, room, joined=joined)
     check_room(dst_mem, truth, room)
 
 
