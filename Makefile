@@ -78,4 +78,4 @@ diagrams: $(STAMP)
 	$(BIN)/kvroom diagrams
 
 clean:
-	rm -rf $(VENV) $(SGL_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(SGL_VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
