@@ -13,9 +13,6 @@ every live room with that error and is re-raised by the next API call.
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +42,7 @@ from kvroom.transport.layout import KVPool
 from kvroom.transport.nixl import NixlAgent, unique_agent_name
 from kvroom.transport.regions import Region
 from kvroom.transport.staging import StagingRing, StagingStore
+from kvroom.wake import WakeQueue
 
 if TYPE_CHECKING:
     from kvroom.metrics import KVMetrics, MetricsObserver
@@ -140,11 +138,7 @@ class KVManager:
         self.table = RoomTable(
             self.role, deadlines=self.config.deadlines, observer=_Forward(self), staging=staging
         )
-        self._commands: collections.deque[Command] = collections.deque()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._woken = False  # a wake-up byte is in the pipe and the worker has not drained it yet
+        self._commands: WakeQueue[Command] = WakeQueue()  # the scheduler's calls, for the worker
         self._stopping = threading.Event()
         self.stall = StallWatch(self.config.heartbeat_interval, clock())
         self._fatal: BaseException | None = None
@@ -198,12 +192,7 @@ class KVManager:
 
     def enqueue(self, command: Command) -> None:
         """Queue ``command`` for the worker without checking it is alive (internal hooks)."""
-        self._commands.append(command)
-        if self._woken:  # the worker will drain the queue, this command included, when it wakes
-            return
-        self._woken = True
-        with contextlib.suppress(BlockingIOError):  # the pipe is full of wake-ups already
-            os.write(self._wake_w, b"x")
+        self._commands.put(command)
 
     def create_room(self, room_id: int, peers: tuple[str, ...] = ()) -> Room:
         """Create a room in Bootstrapping (DuplicateRoomError for a live id)."""
@@ -243,20 +232,15 @@ class KVManager:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._commands.fd, zmq.POLLIN)
         self.stall.last = self.clock()  # the loop starts now: set-up time is no stall
         try:
             while not self._stopping.is_set():
                 self.side.register(poller)
                 busy = self.side.busy()
-                ready = dict(poller.poll(0 if self._commands else 1 if busy else 5))
-                if self._wake_r in ready:
-                    self._woken = False  # before draining: a command queued from now on wakes us again
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                ready = dict(poller.poll(0 if self._commands.items else 1 if busy else 5))
+                if self._commands.fd in ready:
+                    self._commands.wakeups()
                 self._run_commands()
                 now = self.clock()
                 if self.stall.tick(now):
@@ -282,7 +266,7 @@ class KVManager:
         heartbeats and deadlines are served between, and the loop's clock never
         mistakes the burst for a stall.
         """
-        commands = self._commands
+        commands = self._commands.items
         if not commands:
             return
         until = time.monotonic() + COMMAND_BUDGET
@@ -296,8 +280,7 @@ class KVManager:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self._commands.wake()
         self.worker.join(timeout)
         if self._own_observer is not None:
             self._own_observer.close()
@@ -305,8 +288,7 @@ class KVManager:
             self._metrics.close()
         self.agent.close()
         self._ctx.term()
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        self._commands.close()
 
     def __enter__(self) -> KVManager:
         return self

@@ -19,7 +19,6 @@ info)``, ``("done", RoomResult)``, ``("metrics", families)``, ``("raw", info)``,
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import signal
@@ -34,6 +33,7 @@ import torch
 
 from kvroom.demo.buffers import DemoBuffers, make_buffers
 from kvroom.demo.workload import PageAllocator, RoomSpec
+from kvroom.wake import WakeQueue
 
 __all__ = ["NodeOptions", "RoomResult", "prefill_main", "decode_main", "die_with_parent"]
 
@@ -108,21 +108,17 @@ class RoomResult:
 class _Wake:
     """The manager's observer: forwards to the audit observer and wakes the scheduler loop.
 
-    A room's state change appends its id and writes a byte to a pipe the loop
-    sleeps on, unless a byte is already pending: ``os.write`` lets go of the GIL,
-    and on kvroom's worker (which fires the transitions) each release can cost a
-    wait for the scheduler thread to give it back.  Terminal transitions also
-    keep their time.
+    A room's state change queues its id on a :class:`~kvroom.wake.WakeQueue`
+    the loop sleeps on (one wake-up byte while any is pending: each
+    ``os.write`` on kvroom's worker lets go of the GIL).  Terminal transitions
+    also keep their time.
     """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
-        self.fd, self._w = os.pipe()
-        os.set_blocking(self.fd, False)
-        os.set_blocking(self._w, False)
-        self.changed: deque[int] = deque()
+        self.queue: WakeQueue[int] = WakeQueue()
+        self.fd = self.queue.fd
         self.ended: dict[int, float] = {}
-        self._pending = False  # a wake-up byte is in the pipe and take() has not run since
 
     def on_create(self, record: Any) -> None:
         if self.inner is not None:
@@ -134,11 +130,7 @@ class _Wake:
         if record.src is not record.dst:
             if record.dst.name in ("Success", "Failed"):
                 self.ended[record.room] = record.time
-            self.changed.append(record.room)  # before the flag: take() clears it before reading
-            if not self._pending:
-                self._pending = True
-                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
-                    os.write(self._w, b"x")
+            self.queue.put(record.room)
 
     def on_cleanup(self, record: Any) -> None:
         if self.inner is not None:
@@ -149,21 +141,13 @@ class _Wake:
             self.inner.on_ignored(record)
 
     def take(self) -> list[int]:
-        """Rooms that changed since the last call (drains the pipe first: no lost wake-up)."""
-        self._pending = False  # a change from now on writes a byte again
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 4096):
-                pass
-        out = []
-        while self.changed:
-            out.append(self.changed.popleft())
-        return out
+        """Rooms that changed since the last call."""
+        return self.queue.take()
 
     def close(self) -> None:
         if self.inner is not None:
             self.inner.close()
-        os.close(self.fd)
-        os.close(self._w)
+        self.queue.close()
 
 
 def _make_manager(role: str, opts: NodeOptions, wake: _Wake, metrics: Any) -> tuple[Any, DemoBuffers]:
