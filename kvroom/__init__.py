@@ -15,12 +15,14 @@ from kvroom.errors import (
     PeerLostError,
     ProtocolError,
     RemoteFailureError,
+    RequestMismatchError,
     RoomAbortedError,
     RoomStateError,
     StagingExhaustedError,
     TransferCancelledError,
     TransportError,
 )
+from kvroom.fingerprint import request_fingerprint
 from kvroom.fsm import Deadlines, Event, KVPoll, Role, RoomTable
 
 if TYPE_CHECKING:
@@ -88,10 +90,12 @@ __all__ = [
     "DeadlineExceededError",
     "RoomAbortedError",
     "RemoteFailureError",
+    "RequestMismatchError",
     "RoomStateError",
     "DuplicateRoomError",
     "ProtocolError",
     "IncompatiblePeerError",
     "BootstrapError",
     "StagingExhaustedError",
+    "request_fingerprint",
 ]

@@ -71,6 +71,7 @@ class ReceivePlan:
     aux_index: int | None
     prefix_pages: int
     state: dict[str, IntArray] = field(default_factory=dict)  # rows per state index space
+    fingerprint: str | None = None  # the request this room is for (kvroom.request_fingerprint)
     sources: dict[str, Source] = field(default_factory=dict)  # filled when the page list is sent
     sent: bool = False
 
@@ -263,6 +264,7 @@ class DecodeSide(DecodeStaging):
                 "staging": staging,
                 "chunk_pages": size,
                 "state": state,
+                "fingerprint": plan.fingerprint,
             }
             peer.client.send("room", fields, plan.pages.astype("<i8").tobytes() if writes else b"")
         with room.lock:

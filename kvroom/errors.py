@@ -26,6 +26,7 @@ __all__ = [
     "DeadlineExceededError",
     "RoomAbortedError",
     "RemoteFailureError",
+    "RequestMismatchError",
     "RoomStateError",
     "DuplicateRoomError",
     "ProtocolError",
@@ -65,6 +66,15 @@ class RoomAbortedError(TransportError):
 
 class RemoteFailureError(TransportError):
     """The peer reported that the room failed on its side."""
+
+
+class RequestMismatchError(RemoteFailureError):
+    """Decode's request for a room is not the request prefill holds under that room id.
+
+    The two sides' request fingerprints (:func:`kvroom.request_fingerprint`: token count and a
+    hash of the token ids) differ, so the router gave one room id to two requests.  The room
+    fails on both sides before any byte moves: one request's KV never reaches another.
+    """
 
 
 class RoomStateError(KVRoomError):

@@ -49,7 +49,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zmq
 
-from kvroom.errors import IncompatiblePeerError, PeerLostError, ProtocolError, RemoteFailureError
+from kvroom.errors import (
+    IncompatiblePeerError,
+    PeerLostError,
+    ProtocolError,
+    RemoteFailureError,
+    RequestMismatchError,
+)
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
 from kvroom.outbox import Outbox
@@ -110,6 +116,7 @@ class TransferInfo:
     chunk_pages: int
     state: dict[str, IntArray]
     writes: bool  # the assignment gives us something to write into it
+    fingerprint: str | None = None  # the request decode expects (kvroom.request_fingerprint)
 
 
 @dataclass
@@ -145,6 +152,8 @@ class PrefillSide(PrefillWrites):
         self.handles: RoomStore[list[Transfer]] = table.register_store(RoomStore("xfer_handles"))
         # required_dst_info_num a sender declared (else decode's rank count decides)
         self.dst_counts: RoomStore[int] = table.register_store(RoomStore("dst_info_nums"))
+        # the request each room was created for (KVSender(fingerprint=)): decode's must match
+        self.fingerprints: RoomStore[str] = table.register_store(RoomStore("fingerprints"))
         self.verdicts: Verdicts[PrefillVerdict] = table.register_store(
             Verdicts(lambda room: PrefillVerdict(room.id, self.coordinator))
         )
@@ -157,6 +166,11 @@ class PrefillSide(PrefillWrites):
             collections.OrderedDict()
         )
         self.tombstones = Tombstones(cfg.pending_limit, cfg.pending_ttl)
+        # rooms whose decode left while its page list waited for the room (it aborted, or named
+        # another request: orphans; it was lost: lost): without keys such a room fails as it
+        # opens instead of holding its pages to a deadline
+        self.orphans = Tombstones(cfg.pending_limit, cfg.pending_ttl)
+        self.lost = Tombstones(cfg.pending_limit, cfg.pending_ttl)
         self.active: list[Transfer] = []
         self.outbox = Outbox()  # WRITEs planned this worker turn, posted joined at its end (flush)
         self.draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]] = {}
@@ -220,6 +234,8 @@ class PrefillSide(PrefillWrites):
             for identity, _msg, _born in entries:
                 self._send_failed(identity, room_id, "no prefill request with this room id")
         self.tombstones.expire(now)
+        self.orphans.expire(now)
+        self.lost.expire(now)
 
     def snapshot(self) -> dict[str, Any]:
         """Operator counters."""
@@ -249,8 +265,24 @@ class PrefillSide(PrefillWrites):
     # -- room lifecycle (called from the manager / sender) -----------------------
 
     def adopt_pending(self, room: Room) -> None:
-        """Worker: apply transfer info that arrived before the room existed."""
-        for identity, msg, _born in self.pending.pop(room.id, ()):
+        """Worker: apply transfer info that arrived before the room existed.
+
+        A room whose decode left while its page list waited (an orphan) fails now, unless a
+        page list of another decode principal waits for it too.
+        """
+        entries = self.pending.pop(room.id, [])
+        orphan, lost = self.orphans.pop(room.id, None), self.lost.pop(room.id, None)
+        left = orphan or lost
+        if left is not None and self.auth is None:
+            waiting = {self.peers[e[0]].principal for e in entries if e[0] in self.peers}
+            gone: frozenset[str] = frozenset().union(*(t[2] or () for t in (orphan, lost) if t is not None))
+            if waiting <= gone:
+                for identity, _msg, _born in entries:
+                    self._send_failed(identity, room.id, left[0])
+                error = RemoteFailureError(left[0]) if orphan is not None else PeerLostError(left[0])
+                self.m.fire(room, Event.REMOTE_ABORT, error=error)
+                return
+        for identity, msg, _born in entries:
             peer = self.peers.get(identity)
             if peer is None and self.auth is not None:
                 continue  # it left (and its pending infos with it): nothing to authenticate against
@@ -289,6 +321,8 @@ class PrefillSide(PrefillWrites):
         self, room_id: int, peers: tuple[str, ...], reason: str, transfers: list[Transfer]
     ) -> None:
         self.tombstones.add(room_id, reason, self.m.clock())
+        for identity, _msg, _born in self.pending.pop(room_id, ()):  # e.g. failed before it adopted them
+            self._send_failed(identity, room_id, reason)
         peers = tuple(p for p in peers if p in self.by_agent)  # a lost peer needs no word
         if not peers:
             return
@@ -356,6 +390,8 @@ class PrefillSide(PrefillWrites):
                 self.draining[room_id] = (tuple(a for a in agents if a != peer.agent), reason, transfers)
         for room_id, entries in list(self.pending.items()):
             kept = [e for e in entries if e[0] != peer.identity]
+            if len(kept) < len(entries):
+                self.lost.add(room_id, f"room {room_id}: {error}", now, peer.principal)
             if kept:
                 self.pending[room_id] = kept
             else:
@@ -500,6 +536,11 @@ class PrefillSide(PrefillWrites):
             self.m.table.transfer_infos.put_locked(room, infos)
             self.m.table.decode_prefix_lens.put_locked(room, info.prefix_pages)
             conflict = self._conflict(room, infos, ranks)
+            mismatch = self._mismatch(room, info)
+        if mismatch is not None:  # and the id stays dead for that decode: a room opened on it later fails
+            self.orphans.add(room.id, str(mismatch), now, peer.principal)
+            self.m.fire(room, Event.REMOTE_ABORT, error=mismatch)
+            return
         if conflict is not None:
             self.m.fire(room, Event.REMOTE_ABORT, error=RemoteFailureError(f"room {room.id}: {conflict}"))
             return
@@ -520,6 +561,16 @@ class PrefillSide(PrefillWrites):
         if len({i.prefix_pages for i in infos.values()}) > 1:
             return "decode ranks sent different prefix lengths"
         return None
+
+    def _mismatch(self, room: Room, info: TransferInfo) -> RequestMismatchError | None:
+        """Room lock held: decode's request differs from the one this room was created for."""
+        mine = self.fingerprints.get(room.id)
+        if mine is None or info.fingerprint is None or mine == info.fingerprint:
+            return None
+        return RequestMismatchError(
+            f"room {room.id}: decode {info.peer} expects request {info.fingerprint}, "
+            f"but prefill holds request {mine} under this room id"
+        )
 
     def _parse_info(self, peer: DecodePeer, msg: Message) -> TransferInfo | str:
         """A room message as transfer info, or the reason it is refused."""
@@ -549,8 +600,9 @@ class PrefillSide(PrefillWrites):
                 if (offset + units) * unit > peer.staging[1]:
                     return f"{what}: staging chunk {c} lies outside decode's staging buffer"
             staging = tuple(staging)
+        fingerprint = f["fingerprint"]
         return TransferInfo(
-            peer.agent, pages, aux, f["prefix_pages"], staging, f["chunk_pages"], state, writes
+            peer.agent, pages, aux, f["prefix_pages"], staging, f["chunk_pages"], state, writes, fingerprint
         )
 
     def _plan_fits(self, room: Room, plan: SendPlan, info: TransferInfo) -> bool:
@@ -591,8 +643,11 @@ class PrefillSide(PrefillWrites):
             draining = self.draining.get(room_id)
             if draining is not None and peer.agent in draining[0]:
                 return  # failed already: its FAILED follows once no WRITE of it can land
-            entries = [e for e in self.pending.pop(room_id, []) if e[0] != peer.identity]
+            waiting = self.pending.pop(room_id, [])
+            entries = [e for e in waiting if e[0] != peer.identity]
             if entries:
                 self.pending[room_id] = entries
+            if len(entries) < len(waiting):  # its page list waited: the room, once opened, has no decode
+                self.orphans.add(room_id, reason, now, peer.principal)
             self.tombstones.add(room_id, reason, now, peer.principal)
         self._send_failed(peer.identity, room_id, reason)

@@ -7,6 +7,7 @@ from typing import Any
 
 from kvroom.decode import DecodeSide, ReceivePlan
 from kvroom.errors import RoomStateError
+from kvroom.fingerprint import check_fingerprint
 from kvroom.fsm import KVPoll, Role
 from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
@@ -52,12 +53,17 @@ class KVReceiver(RoomHandle):
         aux_index: int | None = None,
         decode_prefix_len: int = 0,
         state_indices: Any = None,
+        *,
+        fingerprint: str | None = None,
     ) -> None:
         """Tell prefill where to write: pages (after a ``decode_prefix_len``-token prefix), rows.
 
         ``aux_index``: one row index into every aux buffer.  ``state_indices``:
         this request's state rows (``{space: indices}``, or one list when the
         model has one state space), written with prefill's last chunk.
+        ``fingerprint``: the request this room is for (:func:`kvroom.request_fingerprint` of its
+        prompt); a prefill that holds another request under this room id fails the room on both
+        sides before any byte moves (:class:`~kvroom.errors.RequestMismatchError`).
         """
         self.manager.check_alive()
         regions = self.manager.regions
@@ -69,6 +75,7 @@ class KVReceiver(RoomHandle):
         if aux_rows is None:  # a pipeline stage without aux buffers: nothing to receive there
             aux_index = None
         state = state_rows(state_indices, regions, f"room {room.id}")
+        check_fingerprint(fingerprint)
         page_size = regions.layout.model.page_size
         if not isinstance(decode_prefix_len, int) or decode_prefix_len < 0 or decode_prefix_len % page_size:
             raise ValueError(f"decode_prefix_len must be a non-negative multiple of {page_size}")
@@ -78,7 +85,7 @@ class KVReceiver(RoomHandle):
             raise RoomStateError(
                 room.id, "receiver", room.state.name, "send_metadata", "metadata already sent"
             )
-        plan = ReceivePlan(pages, aux_index, decode_prefix_len // page_size, state)
+        plan = ReceivePlan(pages, aux_index, decode_prefix_len // page_size, state, fingerprint)
         table = self.manager.table
         if not table.put_all([(self._side.plans, plan), (table.decode_prefix_lens, decode_prefix_len)], room):
             return

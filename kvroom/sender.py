@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvroom.errors import RoomStateError
+from kvroom.fingerprint import check_fingerprint
 from kvroom.fsm import Event, KVPoll, Role
 from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
@@ -23,6 +24,9 @@ class KVSender(RoomHandle):
     once every decode rank's page list arrived: as many as decode runs
     tensor-parallel ranks, or ``required_dst_info_num`` when given (a
     mismatch fails the room).  Then ``init()`` and ``send()`` per chunk.
+    ``fingerprint``: the request the room is for (:func:`kvroom.request_fingerprint` of its
+    prompt); a decode page list that names another request fails the room on both sides
+    before any byte moves (:class:`~kvroom.errors.RequestMismatchError`).
     ``send()`` and ``poll()`` never raise transport errors: a fault shows as
     ``poll() == KVPoll.Failed`` and ``failure_exception()`` returns its cause.
     """
@@ -33,6 +37,8 @@ class KVSender(RoomHandle):
         bootstrap_addr: str | None,
         bootstrap_room: int,
         required_dst_info_num: int | None = None,
+        *,
+        fingerprint: str | None = None,
     ) -> None:
         if manager.role is not Role.SENDER:
             raise ValueError("KVSender needs a prefill manager")
@@ -42,11 +48,14 @@ class KVSender(RoomHandle):
             or required_dst_info_num <= 0
         ):
             raise ValueError(f"required_dst_info_num must be a positive int, got {required_dst_info_num!r}")
+        check_fingerprint(fingerprint)
         self.manager = manager
         self.bootstrap_addr = bootstrap_addr
         self.room = manager.create_room(bootstrap_room)
         self._side: PrefillSide = manager.side
         room = self.room
+        if fingerprint is not None:
+            self._side.fingerprints.put(room, fingerprint)
         if required_dst_info_num is not None:
             with room.lock:
                 room.infos_needed = required_dst_info_num

@@ -186,18 +186,24 @@ def test_aborts_from_either_side_reach_the_other(
 
 
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
-def test_restarted_decode_is_served_again(make_cluster: Callable[..., Cluster], transport: str) -> None:
-    cluster = make_cluster(heartbeat=(0.25, 1.5), deadlines=(3.0, 20.0, 5.0), env=TRANSPORTS[transport])
+def test_restarted_decode_is_served_again(
+    make_cluster: Callable[..., Cluster], transport: str, lag: LagMeter
+) -> None:
+    interval, timeout = 0.25, 1.5
+    env = TRANSPORTS[transport]
+    cluster = make_cluster(heartbeat=(interval, timeout), deadlines=(3.0, 20.0, 5.0), env=env)
     prefill = cluster.start_prefill()
     first = cluster.start_decode(0)
     cluster.submit(make_rooms(20, 1, 4, 16, seed=6, first_room=1))
     assert cluster.wait_until(lambda: len(cluster.outcome("decode")) == 20, 60)
     old_agent = first.info["agent"]
-    cluster.kill(first)
+    killed_at = cluster.kill(first)
     second = cluster.start_decode(0)
     cluster.submit(make_rooms(20, 1, 4, 16, seed=7, first_room=100))
     assert cluster.wait_until(lambda: sum(r.node == second.name for r in cluster.results) == 20, 60)
     assert all(r.state == "Success" and r.verified for r in cluster.results if r.node == second.name)
+    # nothing but its silence tells prefill the old decode is gone: wait out the heartbeat timeout
+    time.sleep(max(0.0, killed_at + lag.bound(timeout + interval) - time.monotonic()))
     cluster.finish()
     assert prefill.final is not None
     peers = prefill.final["snapshot"]["peers"]

@@ -15,13 +15,15 @@ from kvroom.errors import ProtocolError
 
 __all__ = ["MAGIC", "VERSION", "Message", "encode", "decode", "SCHEMA", "MAX_HEADER_BYTES"]
 
-VERSION = 4  # 4: hello/welcome carry planning layouts + regions; room carries state indices
+VERSION = 5  # 4: hello/welcome carry planning layouts + regions, room state indices; 5: room fingerprint
 MAGIC = b"KVR" + bytes([VERSION])
 MAX_HEADER_BYTES = 64 * 1024
+MAX_FINGERPRINT = 128  # characters of a room message's request fingerprint
 
 _INT = (int,)
 _OPT_INT = (int, type(None))
 _STR = (str,)
+_OPT_STR = (str, type(None))
 _DICT = (dict,)
 _OPT_LIST = (list, type(None))
 _OPT_DICT = (dict, type(None))
@@ -42,6 +44,7 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
             "staging": _OPT_LIST,
             "chunk_pages": _INT,
             "state": _OPT_DICT,  # index space -> this rank's state rows / sliding-window pages
+            "fingerprint": _OPT_STR,  # the request decode expects (kvroom.request_fingerprint), or None
         },
         "required",
     ),
@@ -55,8 +58,8 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
 }
 
 
-OPTIONAL: dict[str, frozenset[str]] = {"room": frozenset({"state"})}
-"""Fields a peer may leave out (read as None): a room without state rows need not say so."""
+OPTIONAL: dict[str, frozenset[str]] = {"room": frozenset({"state", "fingerprint"})}
+"""Fields a peer may leave out (read as None): a room without state rows or fingerprint need not say so."""
 
 
 class Message(NamedTuple):
@@ -143,5 +146,8 @@ def _check(message: Message, header_len: int) -> None:
             for rows in state.values()
         ):
             raise ProtocolError("room: state rows must be lists of ints per index space")
+        fingerprint = message.fields["fingerprint"]
+        if fingerprint is not None and not 0 < len(fingerprint) <= MAX_FINGERPRINT:
+            raise ProtocolError(f"room: fingerprint of {len(fingerprint)} characters")
     if message.type in ("abort", "failed", "ready", "commit") and not 0 <= message.fields["room"] < 2**64:
         raise ProtocolError(f"{message.type}: room id out of range")
