@@ -35,7 +35,7 @@ from kvroom import Deadlines, ManagerConfig
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata
 from kvroom.integrations.vllm.pool import pool_from_caches
 from kvroom.integrations.vllm.scheduler import RoomScheduler
-from kvroom.integrations.vllm.stats import KVRoomStats
+from kvroom.integrations.vllm.stats import KVRoomPromMetrics, KVRoomStats, new_data
 from kvroom.integrations.vllm.worker import RoomWorker
 from kvroom.transport.auth import AUTH_ENV, auth_settings
 
@@ -90,6 +90,7 @@ class KVRoomConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self.block_size = int(vllm_config.cache_config.block_size)
         self.tp_size = int(extra.get("tp_size", vllm_config.parallel_config.tensor_parallel_size))
         self.scheduler: RoomScheduler | None = None
+        self._held_reported = 0
         self.worker: RoomWorker | None = None
         port = int(extra.get("bootstrap_port", 0))
         if role == KVConnectorRole.SCHEDULER:
@@ -106,6 +107,15 @@ class KVRoomConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 tp_rank=self.tp_rank,
                 audit=bool(extra.get("audit", True)),
             )
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """No: kvroom's NIXL registrations would point at the memory sleep mode remaps.
+
+        vLLM 0.33 then refuses ``enable_sleep_mode`` with this connector at start-up, with a
+        clear error, instead of moving KV through stale registrations (0.32 has no sleep hooks).
+        """
+        return False
 
     # -- worker side --------------------------------------------------------------
 
@@ -163,11 +173,27 @@ class KVRoomConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return set() if self.worker is None else self.worker.load_errors()
 
     def get_kv_connector_stats(self) -> KVRoomStats | None:
-        """This worker's rooms ended, failures by cause, bytes and latency since the last call."""
+        """Worker: rooms ended, failures by cause, bytes and latency since the last call;
+        scheduler: the requests it holds blocks for, when that number changed."""
         if self.worker is None:
-            return None
+            held = self._sched().held_count()
+            if held == self._held_reported:
+                return None
+            self._held_reported = held
+            return KVRoomStats({**new_data(), "held": held})
         stats = KVRoomStats(self.worker.take_stats())
         return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVRoomPromMetrics:
+        """kvroom's figures on vLLM's ``/metrics`` (``vllm:kvroom_*``; see :mod:`.stats`)."""
+        return KVRoomPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVRoomStats:

@@ -18,11 +18,13 @@ class SendJob:
 
     ``pages`` empty: the request ended without KV to send (aborted, errored);
     the worker opens the room only to fail it, so decode hears at once.
+    ``fingerprint``: the request's :func:`kvroom.request_fingerprint` (decode's must match).
     """
 
     req_id: str
     room: int
     pages: tuple[int, ...]
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class RecvJob:
 
     ``pages`` are the request's blocks after its local prefix hit of
     ``prefix_len`` tokens (a whole number of blocks); prefill skips that prefix.
+    ``fingerprint``: the request's :func:`kvroom.request_fingerprint`, checked by prefill.
     """
 
     req_id: str
@@ -38,6 +41,7 @@ class RecvJob:
     bootstrap_addr: tuple[str, ...]
     pages: tuple[int, ...]
     prefix_len: int
+    fingerprint: str | None = None
 
 
 @dataclass

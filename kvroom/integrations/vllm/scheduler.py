@@ -17,6 +17,13 @@ waits for remote KV again.  A request aborted while its room is open gets its
 room aborted; vLLM keeps its blocks until the room reports, i.e. until no
 WRITE into them can land.
 
+A room's KV reaches only its request: prefill refuses a room id one of its
+requests still holds (the second request gets no ``kv_transfer_params``, so a
+router cannot send its decode into the first request's room), and both sides
+give their request's fingerprint (token count and a hash of the prompt's token
+ids, :func:`kvroom.request_fingerprint`) with the room, so a decode whose
+prompt differs from prefill's fails the room on both sides before any byte moves.
+
 Plain Python over vLLM's request objects (duck-typed); no transport here.
 """
 
@@ -24,10 +31,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
+from kvroom.fingerprint import request_fingerprint
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata, RecvJob, SendJob
 from kvroom.integrations.vllm.params import decode_params, remote_decode_room, remote_prefill
 
 __all__ = ["RoomScheduler"]
+
+_log = structlog.get_logger("kvroom.vllm")
 
 # vLLM's RequestStatus names of a request that finished normally (its KV is complete)
 _COMPLETED = {"FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED"}
@@ -35,6 +47,12 @@ _COMPLETED = {"FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED"}
 
 def _pages(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
+
+
+def _fingerprint(request: Any) -> str | None:
+    """The request's prompt fingerprint (None for a prompt given as embeddings)."""
+    ids = getattr(request, "prompt_token_ids", None)
+    return None if ids is None else request_fingerprint(ids)
 
 
 class RoomScheduler:
@@ -51,6 +69,7 @@ class RoomScheduler:
         self.block_size = block_size
         self.bootstrap_addr = bootstrap_addr
         self.sending: dict[str, int] = {}  # prefill: req id -> room whose blocks we hold
+        self.rooms: dict[int, str] = {}  # prefill: room -> the req id holding it (sending, inverted)
         self.receiving: dict[str, int] = {}  # decode: req id -> open room
         self.cancelling: set[str] = set()  # decode: receives aborted, not yet reported
         self.jobs = KVRoomMetadata()
@@ -87,7 +106,8 @@ class RoomScheduler:
         pages = tuple(block_ids[prefix_pages : _pages(prompt, self.block_size)])
         req_id = request.request_id
         self.receiving[req_id] = remote.room
-        job = RecvJob(req_id, remote.room, remote.bootstrap_addr, pages, prefix_pages * self.block_size)
+        prefix = prefix_pages * self.block_size
+        job = RecvJob(req_id, remote.room, remote.bootstrap_addr, pages, prefix, _fingerprint(request))
         self.jobs.recvs.append(job)
 
     # -- both -------------------------------------------------------------------
@@ -103,12 +123,17 @@ class RoomScheduler:
         room = remote_decode_room(request.kv_transfer_params)
         if room is None:
             return False, None
+        holder = self.rooms.get(room)
+        if holder is not None and holder != req_id:  # the room is another request's: answer nothing
+            _log.warning("kvroom.vllm.room_in_use", room=room, req_id=req_id, held_by=holder)
+            return False, None
         needed = _pages(request.num_prompt_tokens, self.block_size)
         if request.status.name not in _COMPLETED or len(block_ids) < needed:
             self.jobs.sends.append(SendJob(req_id, room, ()))  # fail the room now: decode hears at once
             return False, None
         self.sending[req_id] = room
-        self.jobs.sends.append(SendJob(req_id, room, tuple(block_ids[:needed])))
+        self.rooms[room] = req_id
+        self.jobs.sends.append(SendJob(req_id, room, tuple(block_ids[:needed]), _fingerprint(request)))
         return True, decode_params(room, self.bootstrap_addr)
 
     def build_meta(self) -> KVRoomMetadata:
@@ -119,13 +144,19 @@ class RoomScheduler:
     def update(self, output: Any) -> None:
         """Forget rooms the workers reported terminal."""
         for req_id in output.finished_sending or ():
-            self.sending.pop(req_id, None)
+            room = self.sending.pop(req_id, None)
+            if room is not None and self.rooms.get(room) == req_id:
+                del self.rooms[room]
         for req_id in output.finished_recving or ():
             self.receiving.pop(req_id, None)
             if req_id in self.cancelling:
                 self.cancelling.discard(req_id)
                 if req_id in self.jobs.cancels:  # reported before the abort went out
                     self.jobs.cancels.remove(req_id)
+
+    def held_count(self) -> int:
+        """Requests whose blocks this scheduler keeps for an open room (sending or receiving)."""
+        return len(self.sending) + len(self.receiving)
 
     def pending(self) -> bool:
         """Work that must keep vLLM's engine loop stepping."""

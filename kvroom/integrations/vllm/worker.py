@@ -28,6 +28,7 @@ import structlog
 from kvroom import KVManager, KVPoll, KVPool, KVReceiver, KVRoomError, KVSender, ManagerConfig
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata, RecvJob, SendJob
 from kvroom.integrations.vllm.stats import new_data
+from kvroom.metrics import room_bytes
 
 __all__ = ["RoomWorker", "Results"]
 
@@ -111,7 +112,7 @@ class RoomWorker:
     def _send(self, job: SendJob) -> None:
         assert self.manager is not None
         try:
-            sender = KVSender(self.manager, None, job.room)
+            sender = KVSender(self.manager, None, job.room, fingerprint=job.fingerprint)
         except KVRoomError as exc:  # e.g. a duplicate live room id: this request cannot send
             if job.pages:  # report it Failed next, so vLLM frees the blocks
                 self.rooms[job.req_id] = _Open(job.req_id, _Unopened(exc), job.pages, time.monotonic())
@@ -129,7 +130,7 @@ class RoomWorker:
         try:
             receiver = KVReceiver(self.manager, list(job.bootstrap_addr), job.room)
             receiver.init()
-            receiver.send_metadata(list(job.pages), None, job.prefix_len)
+            receiver.send_metadata(list(job.pages), None, job.prefix_len, fingerprint=job.fingerprint)
         except (KVRoomError, ValueError, TypeError) as exc:  # reported as a failed receive next
             self.rooms[job.req_id] = _Open(job.req_id, _Unopened(exc), job.pages, time.monotonic())
             return
@@ -169,10 +170,10 @@ class RoomWorker:
         ended = self.stats["ended"]
         ended[state.name] = ended.get(state.name, 0) + 1
         if state is KVPoll.Success:
+            if self.manager is not None and not isinstance(room.handle, _Unopened):
+                # what moved: the blocks past decode's prefix hit (and aux rows), not the prompt's
+                self.stats["bytes"] += room_bytes(self.manager, room.handle.bootstrap_room)
             room.handle.clear()
-            pool = self.manager.tensors if self.manager is not None else None  # the KVPool it built
-            if pool is not None:
-                self.stats["bytes"] += len(room.pages) * pool.page_bytes * pool.layout.layers
             self.stats["latency_s"].append(time.monotonic() - room.opened)
             return
         cause, reason = "unknown", ""

@@ -24,6 +24,8 @@ from kvroom.integrations.vllm import BOOTSTRAP_ADDR, ROOM
 from tests.integrations.vllm.harness import BLOCK, Engine, kv_caches, model_dir, request, vllm_config
 
 PROMPT = list(range(100, 140))  # 40 tokens: 3 blocks, the last one partial
+OTHER = list(range(300, 340))  # another prompt of as many blocks
+SOON = 2.5  # "at once": under the 3 s and 10 s deadlines these tests configure, with slack for load
 
 
 @pytest.fixture
@@ -128,8 +130,10 @@ def test_failed_receive_follows_the_load_failure_policy(
         request("d-2", PROMPT, {"do_remote_prefill": True, ROOM: 12, BOOTSTRAP_ADDR: addr}, max_tokens=2)
     )
     decode.step()  # decode's room is open: its page list goes to prefill
+    started = time.monotonic()
     prefill.scheduler.finish_requests("p-2", RequestStatus.FINISHED_ABORTED)
     run([prefill, decode], lambda: "d-2" in decode.outputs and quiet(prefill, decode))
+    assert time.monotonic() - started < SOON  # at once, not at decode's 10 s deadline
     out = decode.outputs["d-2"]
     failures = {k: v for s in decode.stats for k, v in s["failures"].items()}
     assert failures == {"RemoteFailureError": 1}, failures
@@ -155,15 +159,20 @@ def test_decode_abort_keeps_blocks_until_no_write_can_land(
     pool = decode.scheduler.kv_cache_manager.block_pool
     free = pool.get_num_free_blocks()
     assert free == 63 - 3
+    p_side = prefill.worker.worker.manager.side
+    run([decode], lambda: 13 in p_side.pending)  # its page list waits on prefill for the room
     decode.scheduler.finish_requests("d-3", RequestStatus.FINISHED_ABORTED)
     assert pool.get_num_free_blocks() == free  # still registered with prefill: held
     run([prefill, decode], lambda: quiet(decode))
     assert pool.get_num_free_blocks() == 63
     failures = {k: v for s in decode.stats for k, v in s["failures"].items()}
     assert failures == {"RoomAbortedError": 1}, failures
-    # prefill's request arrives late: its room fails by deadline and its blocks come back
+    # prefill's request arrives late: decode left while its page list waited, so the room fails as
+    # it opens (not at its 3 s Bootstrapping deadline) and prefill's blocks come back
+    started = time.monotonic()
     prefill.scheduler.add_request(request("p-3", PROMPT, {"do_remote_decode": True, ROOM: 13}))
     run([prefill], lambda: quiet(prefill), timeout=30)
+    assert time.monotonic() - started < SOON
     assert_clean(prefill, decode, {"prefill": "p-3", "decode": "d-3"}, 13)
 
 
@@ -185,4 +194,90 @@ def test_partial_prefix_hit_receives_only_the_blocks_after_it(
     p_pool, d_pool = prefill.worker.worker.manager.pool, decode.worker.worker.manager.pool
     for layer in range(p_pool.layout.layers):  # the block after the hit holds prefill's third block
         assert torch.equal(p_pool.layers[layer][send.pages[2]], d_pool.layers[layer][recv.pages[0]])
+    moved = 1 * p_pool.page_bytes * p_pool.layout.layers  # one block moved, not the prompt's three
+    assert sum(s["bytes"] for s in prefill.stats) == sum(s["bytes"] for s in decode.stats) == moved
     assert_clean(prefill, decode, {"prefill": "p-4", "decode": "d-4"}, 14)
+
+
+def _no_block_of(prefill: Engine, decode: Engine, send: Any, recv_pages: list[int]) -> None:
+    """None of decode's ``recv_pages`` holds any of prefill's blocks of ``send``."""
+    p_pool, d_pool = prefill.worker.worker.manager.pool, decode.worker.worker.manager.pool
+    for layer in range(p_pool.layout.layers):
+        for src in send.pages:
+            for dst in recv_pages:
+                assert not torch.equal(p_pool.layers[layer][src], d_pool.layers[layer][dst])
+
+
+def test_a_room_id_its_request_still_holds_is_refused_to_a_second_request(
+    engines: Callable[..., tuple[Engine, Engine]],
+) -> None:
+    """(a) one after the other: B gets no params while A's room waits; A is served, B computes."""
+    prefill, decode = engines()
+    sent, received = jobs(prefill), jobs(decode)
+    pool = prefill.scheduler.kv_cache_manager.block_pool
+    prefill.scheduler.add_request(request("p-A", PROMPT, {"do_remote_decode": True, ROOM: 20}))
+    run([prefill], lambda: "p-A" in prefill.outputs)
+    prefill.scheduler.add_request(request("p-B", OTHER, {"do_remote_decode": True, ROOM: 20}))
+    run([prefill], lambda: "p-B" in prefill.outputs)
+    assert prefill.outputs["p-B"].kv_transfer_params is None  # told: no room to hand to decode
+    assert pool.get_num_free_blocks() == 63 - 3  # B's blocks are back, A's are held for its decode
+    assert [j.req_id for j in sent] == ["p-A"]
+    decode.scheduler.add_request(request("d-B", OTHER, prefill.outputs["p-B"].kv_transfer_params))
+    decode.scheduler.add_request(request("d-A", PROMPT, prefill.outputs["p-A"].kv_transfer_params))
+    run([prefill, decode], lambda: {"d-A", "d-B"} <= set(decode.outputs) and quiet(prefill, decode))
+    assert decode.outputs["d-A"].finish_reason.name == decode.outputs["d-B"].finish_reason.name == "LENGTH"
+    assert decode.computed["d-B"] >= len(OTHER)  # prefilled locally: no remote KV for it
+    (recv,) = received
+    assert recv.req_id == "d-A"
+    assert_clean(prefill, decode, {"prefill": "p-A", "decode": "d-A"}, 20)
+    assert prefill.held("p-B", 20) == decode.held("d-B", 20) == []
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_two_requests_dispatched_at_once_under_one_room_never_swap_kv(
+    engines: Callable[..., tuple[Engine, Engine]], first: str
+) -> None:
+    """(b) at once: both decodes and both prefills under room 21; whichever decode opens it first."""
+    prefill, decode = engines()
+    sent, received = jobs(prefill), jobs(decode)
+    addr = prefill.worker.worker.manager.bootstrap_addr
+    remote = {"do_remote_prefill": True, ROOM: 21, BOOTSTRAP_ADDR: addr}
+    prompts = {"A": PROMPT, "B": OTHER}
+    second = "B" if first == "A" else "A"
+    for name in (first, second):
+        decode.scheduler.add_request(request(f"d-{name}", prompts[name], remote, max_tokens=2))
+        decode.step()
+    started = time.monotonic()
+    prefill.scheduler.add_request(request("p-A", PROMPT, {"do_remote_decode": True, ROOM: 21}))
+    prefill.scheduler.add_request(request("p-B", OTHER, {"do_remote_decode": True, ROOM: 21}))
+    run([prefill, decode], lambda: {"d-A", "d-B"} <= set(decode.outputs) and quiet(prefill, decode))
+    assert time.monotonic() - started < SOON
+    reasons = {n: decode.outputs[f"d-{n}"].finish_reason.name for n in "AB"}
+    # the decode that opened the room second is refused by decode itself (a duplicate live room)
+    assert reasons[second] == "ERROR"
+    # the first is served only if it is the request prefill holds the room for; else both fail
+    assert reasons[first] == ("LENGTH" if first == "A" else "ERROR"), reasons
+    opened = [j for j in received if j.req_id == f"d-{first}"]
+    for job in sent:  # no block of a request reached another request's blocks
+        other = [p for j in opened if j.req_id != f"d-{job.req_id[2:]}" for p in j.pages]
+        _no_block_of(prefill, decode, job, other)
+    for name in "AB":
+        assert prefill.held(f"p-{name}", 21) == decode.held(f"d-{name}", 21) == []
+    for engine in (prefill, decode):
+        assert engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == 63
+
+
+def test_a_decode_prompt_other_than_prefills_fails_the_room_on_both_sides_at_once(
+    engines: Callable[..., tuple[Engine, Engine]],
+) -> None:
+    prefill, decode = engines()
+    prefill.scheduler.add_request(request("p-5", PROMPT, {"do_remote_decode": True, ROOM: 22}))
+    run([prefill], lambda: "p-5" in prefill.outputs)
+    started = time.monotonic()
+    decode.scheduler.add_request(request("d-5", OTHER, prefill.outputs["p-5"].kv_transfer_params))
+    run([prefill, decode], lambda: "d-5" in decode.outputs and quiet(prefill, decode))
+    assert time.monotonic() - started < SOON
+    assert decode.outputs["d-5"].finish_reason.name == "ERROR"
+    failures = {k: v for s in prefill.stats for k, v in s["failures"].items()}
+    assert failures == {"RequestMismatchError": 1}, failures
+    assert_clean(prefill, decode, {"prefill": "p-5", "decode": "d-5"}, 22)

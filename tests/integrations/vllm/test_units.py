@@ -143,3 +143,31 @@ def test_extra_config_passes_authentication_through(tmp_path: Any, monkeypatch: 
     assert manager_config({"allow_unauthenticated": False}).allow_unauthenticated is False
     with pytest.raises(ValueError, match="needs both key_file"):
         manager_config({"key_file": secret})
+
+
+def test_sleep_mode_is_refused_where_vllm_has_it() -> None:
+    """kvroom's NIXL registrations cannot follow sleep mode's remap: vLLM 0.33 refuses the pair.
+
+    This CPU build cannot make a sleep-mode ModelConfig, so vLLM's own check runs on a config
+    that has only the two fields it reads.
+    """
+    from vllm.config import KVTransferConfig, VllmConfig
+
+    from kvroom.integrations.vllm import KVRoomConnector
+
+    assert KVRoomConnector.supports_sleep_mode(None) is False
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    check = getattr(VllmConfig, "_verify_kv_transfer_compat", None)
+    if check is None or not hasattr(KVConnectorBase_V1, "supports_sleep_mode"):
+        pytest.skip("this vLLM has no sleep-mode hook for connectors (0.32)")
+    transfer = KVTransferConfig(
+        kv_connector="KVRoomConnector",
+        kv_connector_module_path="kvroom.integrations.vllm",
+        kv_role="kv_producer",
+    )
+    config = SimpleNamespace(
+        model_config=SimpleNamespace(enable_sleep_mode=True), kv_transfer_config=transfer
+    )
+    with pytest.raises(ValueError, match="KVRoomConnector does not support sleep mode"):
+        check(config)
