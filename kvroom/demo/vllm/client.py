@@ -44,6 +44,7 @@ async def complete(
     *,
     stream: bool = True,
     timeout: float = 120.0,
+    extra: dict[str, Any] | None = None,
 ) -> Completion:
     """One greedy completion of ``prompt`` from ``url`` (a server's or the proxy's base URL)."""
     body: dict[str, Any] = {
@@ -54,6 +55,7 @@ async def complete(
         "ignore_eos": True,
         "stream": stream,
         "return_token_ids": True,
+        **(extra or {}),
     }
     start = time.monotonic()
     last = start

@@ -102,12 +102,16 @@ def vllm_command(
 
 
 def proxy_command(
-    prefill: Sequence[str], decode: Sequence[str], port: int, order: str = "sequential"
+    prefill: Sequence[str],
+    decode: Sequence[str],
+    port: int,
+    order: str = "sequential",
+    connector: str = "kvroom",
 ) -> list[str]:
     """kvroom's reference proxy over ``prefill`` and ``decode`` base URLs."""
     return [
         sys.executable, "-m", "kvroom.integrations.vllm.proxy", "--port", str(port), "--order", order,
-        "--prefill", *prefill, "--decode", *decode,
+        "--connector", connector, "--prefill", *prefill, "--decode", *decode,
     ]  # fmt: skip
 
 

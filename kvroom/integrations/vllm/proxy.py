@@ -18,6 +18,10 @@ prefill that answers without room params (it refused the room id, or the request
 so, an upstream error status is passed through.  A client that disconnects closes the upstream
 requests, so vLLM aborts them (and kvroom fails their rooms on both sides).  A stream decode
 breaks mid-way ends with an ``error`` event.  Needs ``aiohttp`` (a vLLM dependency).
+
+``--connector nixl`` routes vLLM's own NixlConnector the same way (no room id: prefill's params
+go to decode as they are; sequential order only), so both connectors are measured through one
+router (``benchmarks/vllm_pd.py``).
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class Proxy:
         decode: Sequence[str],
         *,
         order: str = "sequential",
+        connector: str = "kvroom",
         connect_timeout: float = 5.0,
         timeout: float = 600.0,
     ) -> None:
@@ -73,7 +78,12 @@ class Proxy:
             raise ValueError(f"order must be 'sequential' or 'concurrent', got {order!r}")
         self.prefill = [u.rstrip("/") for u in prefill]
         self.decode = [u.rstrip("/") for u in decode]
+        if connector not in ("kvroom", "nixl"):
+            raise ValueError(f"connector must be 'kvroom' or 'nixl', got {connector!r}")
+        if connector == "nixl" and order != "sequential":
+            raise ValueError("NixlConnector's decode needs prefill's answer: sequential order only")
         self.order = order
+        self.connector = connector
         self._next_prefill = itertools.cycle(self.prefill)
         self._next_decode = itertools.cycle(self.decode)
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
@@ -110,12 +120,15 @@ class Proxy:
 
     async def _prefill(self, url: str, path: str, body: dict[str, Any], room: int) -> dict[str, Any]:
         req = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-        req.update(max_tokens=1, stream=False, kv_transfer_params={"do_remote_decode": True, ROOM: room})
+        ask: dict[str, Any] = {"do_remote_decode": True}
+        if self.connector == "kvroom":
+            ask[ROOM] = room
+        req.update(max_tokens=1, stream=False, kv_transfer_params=ask)
         if "max_completion_tokens" in req:
             req["max_completion_tokens"] = 1
         answer = await self._post_json(url + path, req, "prefill")
         params = answer.get("kv_transfer_params")
-        if not isinstance(params, dict) or params.get(ROOM) != room:
+        if not isinstance(params, dict) or (self.connector == "kvroom" and params.get(ROOM) != room):
             raise UpstreamError(
                 502,
                 f"prefill {url} gave no kvroom room for the request (room id {room} in use?)",
@@ -241,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--order", choices=("sequential", "concurrent"), default="sequential")
+    parser.add_argument("--connector", choices=("kvroom", "nixl"), default="kvroom")
     parser.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to reach an upstream")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for one upstream request")
     args = parser.parse_args(argv)
@@ -248,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.prefill,
         args.decode,
         order=args.order,
+        connector=args.connector,
         connect_timeout=args.connect_timeout,
         timeout=args.timeout,
     )

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.integrations.vllm_e2e.engines import Reference, Servers, vllm_cpu
+from tests.integrations.vllm_e2e.engines import PD, Reference, Servers, vllm_cpu
 
 if not vllm_cpu():
     collect_ignore_glob = ["test_*.py"]
@@ -58,3 +58,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
             if isinstance(owned, Servers):
                 report.sections.append((f"server logs ({name})", owned.tails()))
     return report
+
+
+@pytest.fixture(scope="session")
+def pd(tiny_model: Path, session_servers: Servers, reference: Reference) -> PD:
+    """The PD pair (kvroom on both sides) the modules that kill nothing share: started once."""
+    pair = PD(tiny_model, session_servers)
+    reference.server.wait_ready()
+    pair.wait_ready()
+    return pair
+
+
+@pytest.fixture
+def idle_after(pd: PD) -> Iterator[None]:
+    """After the test, every engine of the shared pair is idle again (nothing held)."""
+    yield
+    pd.wait_idle()

@@ -108,8 +108,15 @@ class Reference:
 class PD:
     """A prefill engine (core 0) and decode engines (core 1) with kvroom's connector, and proxies."""
 
-    def __init__(self, model: Path, servers: Servers, decodes: tuple[str, ...] = ("fail",)) -> None:
+    def __init__(
+        self,
+        model: Path,
+        servers: Servers,
+        decodes: tuple[str, ...] = ("fail",),
+        deadlines: list[float] = DEADLINES,
+    ) -> None:
         self.model = model
+        self.deadlines = deadlines
         self.servers = servers
         self.bootstrap_port = free_port()
         self.prefill = self._start_prefill()
@@ -118,7 +125,11 @@ class PD:
         self.proxies: dict[str, Server] = {}
 
     def _kvroom(self) -> dict[str, Any]:
-        return {"deadlines": DEADLINES, "heartbeat_interval": HEARTBEAT[0], "heartbeat_timeout": HEARTBEAT[1]}
+        return {
+            "deadlines": self.deadlines,
+            "heartbeat_interval": HEARTBEAT[0],
+            "heartbeat_timeout": HEARTBEAT[1],
+        }
 
     def _start_prefill(self, port: int | None = None) -> Server:
         port = port or free_port()

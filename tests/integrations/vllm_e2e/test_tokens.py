@@ -1,7 +1,7 @@
 """kvroom PD with real vLLM engines gives one engine's tokens, and leaves nothing behind.
 
-One module-wide PD pair (prefill on core 0, decode on core 1, kvroom's connector on both) and
-kvroom's proxy, started once; the reference is one engine alone.  Greedy sampling: every answer
+The suite's shared PD pair (prefill on core 0, decode on core 1, kvroom's connector on both)
+and kvroom's proxy, started once; the reference is one engine alone.  Greedy sampling: every answer
 must equal the reference token for token.  After each test every engine is idle: no block in
 use (``vllm:kv_cache_usage_perc``), no kvroom room open, no request held by the connector.
 """
@@ -9,7 +9,6 @@ use (``vllm:kv_cache_usage_perc``), no kvroom room open, no request held by the 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import aiohttp
 import pytest
@@ -21,18 +20,8 @@ from tests.integrations.vllm_e2e.engines import BLOCK, BLOCK_BYTES, MAX_MODEL_LE
 TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def pd(tiny_model, servers: Servers, reference: Reference) -> Iterator[PD]:
-    pair = PD(tiny_model, servers)
-    reference.server.wait_ready()
-    pair.wait_ready()
-    yield pair
-
-
-@pytest.fixture(autouse=True)
-def idle_after(pd: PD) -> Iterator[None]:
-    yield
-    pd.wait_idle()
+# the shared engines start inside the first test's setup
+pytestmark = [pytest.mark.usefixtures("idle_after"), pytest.mark.timeout(900)]
 
 
 def _bytes(pd: PD) -> tuple[float, float]:

