@@ -37,13 +37,18 @@ def make_pool(pages: int = 64, dtype: torch.dtype = torch.uint8, layers: int = 2
     )
 
 
-@pytest.fixture
-def pair() -> Iterator[tuple[KVManager, KVManager]]:
-    prefill = KVManager("prefill", make_pool(), config=FAST, audit=False)
-    decode = KVManager("decode", make_pool(), config=FAST, audit=False)
+def managers(config: ManagerConfig) -> Iterator[tuple[KVManager, KVManager]]:
+    """A prefill and a decode manager in this process (for a fixture to yield from)."""
+    prefill = KVManager("prefill", make_pool(), config=config, audit=False)
+    decode = KVManager("decode", make_pool(), config=config, audit=False)
     yield prefill, decode
     prefill.close()
     decode.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[KVManager, KVManager]]:
+    yield from managers(FAST)
 
 
 def wait(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -24,7 +24,7 @@ from kvroom import (
     request_fingerprint,
 )
 from kvroom.fsm import Deadlines
-from tests.test_api import make_pool, wait
+from tests.test_api import managers, wait
 
 # long deadlines: a room that fails here failed on the mismatch, not on a deadline
 SLOW = ManagerConfig(heartbeat_interval=0.1, heartbeat_timeout=5.0, deadlines=Deadlines(30.0, 30.0, 30.0))
@@ -33,11 +33,7 @@ SOON = SLOW.deadlines.bootstrapping / 4  # "at once", with the slack a loaded ma
 
 @pytest.fixture
 def pair() -> Iterator[tuple[KVManager, KVManager]]:
-    prefill = KVManager("prefill", make_pool(), config=SLOW, audit=False)
-    decode = KVManager("decode", make_pool(), config=SLOW, audit=False)
-    yield prefill, decode
-    prefill.close()
-    decode.close()
+    yield from managers(SLOW)
 
 
 def test_the_fingerprint_is_the_token_count_and_a_digest_of_the_ids() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from kvroom import KVManager, KVPoll, KVReceiver, KVSender, ManagerConfig, PeerLostError, RemoteFailureError
 from kvroom.fsm import Deadlines
-from tests.test_api import make_pool, wait
+from tests.test_api import make_pool, managers, wait
 
 CFG = ManagerConfig(heartbeat_interval=0.1, heartbeat_timeout=1.0, deadlines=Deadlines(30.0, 30.0, 30.0))
 SOON = CFG.deadlines.bootstrapping / 4
@@ -21,11 +21,7 @@ SOON = CFG.deadlines.bootstrapping / 4
 
 @pytest.fixture
 def pair() -> Iterator[tuple[KVManager, KVManager]]:
-    prefill = KVManager("prefill", make_pool(), config=CFG, audit=False)
-    decode = KVManager("decode", make_pool(), config=CFG, audit=False)
-    yield prefill, decode
-    prefill.close()
-    decode.close()
+    yield from managers(CFG)
 
 
 def _waiting_page_list(p: KVManager, d: KVManager, room: int) -> KVReceiver:

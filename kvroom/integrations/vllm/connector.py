@@ -137,6 +137,15 @@ class KVRoomConnector(KVConnectorBase_V1):  # type: ignore[misc]
             if isinstance(meta, KVRoomMetadata):
                 self.worker.take(meta)
 
+    def bind_connector_metadata(self, connector_metadata: Any) -> None:
+        """Take this step's jobs now, before the forward pass: rooms open (and push) while it runs.
+
+        vLLM starts asynchronous loads only after the forward, so waiting for ``start_load_kv``
+        would delay every room by a whole forward pass of other requests.
+        """
+        super().bind_connector_metadata(connector_metadata)
+        self._take()
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         """Open this step's rooms (loads are pushed by prefill; nothing to start here)."""
         self._take()

@@ -32,6 +32,8 @@ import contextlib
 import itertools
 import json
 import secrets
+import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +73,7 @@ class Proxy:
         connector: str = "kvroom",
         connect_timeout: float = 5.0,
         timeout: float = 600.0,
+        trace: bool = False,
     ) -> None:
         if not prefill or not decode:
             raise ValueError("the proxy needs at least one prefill and one decode URL")
@@ -90,6 +93,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self.bootstrap: dict[str, list[str]] = {}  # prefill URL -> its kvroom addresses (learned)
         self.served = 0
+        self.trace = trace
         self.failed = 0
 
     async def start(self, _app: web.Application | None = None) -> None:
@@ -101,6 +105,13 @@ class Proxy:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _trace(self, room: int, event: str) -> None:
+        """``--trace``: one JSON line per step of a request, monotonic seconds (the engines' clock)."""
+        if self.trace:
+            print(
+                json.dumps({"room": room, "event": event, "t": time.monotonic()}), file=sys.stderr, flush=True
+            )
 
     # -- upstream calls -----------------------------------------------------------
 
@@ -126,7 +137,9 @@ class Proxy:
         req.update(max_tokens=1, stream=False, kv_transfer_params=ask)
         if "max_completion_tokens" in req:
             req["max_completion_tokens"] = 1
+        self._trace(room, "prefill_sent")
         answer = await self._post_json(url + path, req, "prefill")
+        self._trace(room, "prefill_answered")
         params = answer.get("kv_transfer_params")
         if not isinstance(params, dict) or (self.connector == "kvroom" and params.get(ROOM) != room):
             raise UpstreamError(
@@ -200,8 +213,11 @@ class Proxy:
     ) -> web.StreamResponse:
         assert self._session is not None
         req = {**body, "kv_transfer_params": params}
+        room = int(params.get(ROOM, -1))
+        self._trace(room, "decode_sent")
         try:
             async with self._session.post(url, json=req) as resp:
+                self._trace(room, "decode_headers")
                 if resp.status != 200 or not body.get("stream"):
                     data = await resp.read()
                     if resp.status == 200:
@@ -257,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--connector", choices=("kvroom", "nixl"), default="kvroom")
     parser.add_argument("--connect-timeout", type=float, default=5.0, help="seconds to reach an upstream")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for one upstream request")
+    parser.add_argument("--trace", action="store_true", help="JSON lines of each request's steps on stderr")
     args = parser.parse_args(argv)
     proxy = Proxy(
         args.prefill,
@@ -265,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         connector=args.connector,
         connect_timeout=args.connect_timeout,
         timeout=args.timeout,
+        trace=args.trace,
     )
     web.run_app(build_app(proxy), host=args.host, port=args.port, print=None)
 

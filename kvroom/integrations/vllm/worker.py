@@ -12,13 +12,18 @@ receive) and polls every open room; a room reports once terminal:
   room Failed only once no WRITE for it can still land, so vLLM may reuse or
   recompute into those blocks at once.
 
-Prefill sends a room's blocks as one chunk when decode's page list arrived
-(kvroom's WaitingForInput); vLLM holds the blocks meanwhile.
+Prefill sends a room's blocks as one chunk the moment decode's page list
+arrives (kvroom's WaitingForInput): the push runs on kvroom's own worker
+thread, from the room's transition, not at the engine's next step (an engine
+step can be a whole forward pass of other requests); vLLM holds the blocks
+meanwhile.  :meth:`RoomWorker.results` sends too, for a room whose page list
+came before it was watched; a room is sent once either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +31,7 @@ from typing import Any
 import structlog
 
 from kvroom import KVManager, KVPoll, KVPool, KVReceiver, KVRoomError, KVSender, ManagerConfig
+from kvroom.fsm import TransitionRecord
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata, RecvJob, SendJob
 from kvroom.integrations.vllm.stats import new_data
 from kvroom.metrics import room_bytes
@@ -54,6 +60,7 @@ class _Open:
     opened: float
     sent: bool = False
     cancelled: bool = False
+    room_id: int | None = None  # prefill: the room it pushes into
 
 
 class RoomWorker:
@@ -78,6 +85,8 @@ class RoomWorker:
         self.errors: set[int] = set()  # decode blocks whose load failed, reported next
         self.stats = new_data()
         self._taken: KVRoomMetadata | None = None  # the last metadata taken (held: ids get reused)
+        self._push_lock = threading.Lock()  # a room is sent once: by its transition or by results()
+        self._by_room: dict[int, _Open] = {}  # prefill: rooms to push when their page list arrives
 
     def register(self, pool: KVPool) -> None:
         """Start kvroom's manager on the registered pool (once)."""
@@ -86,6 +95,8 @@ class RoomWorker:
         port = self.bootstrap_port + self.tp_rank if self.bootstrap_port else 0
         role = "prefill" if self.producer else "decode"
         self.manager = KVManager(role, pool, bootstrap_port=port, config=self.config, audit=self.audit)
+        if self.producer:  # see every transition first-hand; the manager's own observer still gets it
+            self.manager.observer = _PushOnReady(self, self.manager.observer)
 
     def handshake(self) -> KVRoomHandshake | None:
         """This worker's bootstrap address, for the scheduler to hand to routers."""
@@ -123,7 +134,12 @@ class RoomWorker:
             sender.abort("the prefill request ended without KV to send")
             self._count_failure("RoomAbortedError")
             return
-        self.rooms[job.req_id] = _Open(job.req_id, sender, job.pages, time.monotonic())
+        room = _Open(job.req_id, sender, job.pages, time.monotonic(), room_id=job.room)
+        self.rooms[job.req_id] = room
+        with self._push_lock:
+            self._by_room[job.room] = room
+        if sender.poll() is KVPoll.WaitingForInput:  # the page list was in before we watched
+            self._push(room)
 
     def _recv(self, job: RecvJob) -> None:
         assert self.manager is not None
@@ -144,18 +160,14 @@ class RoomWorker:
         for req_id, room in list(self.rooms.items()):
             state = room.handle.poll()
             if state is KVPoll.WaitingForInput and self.producer and not room.sent:
-                room.sent = True
-                sender = room.handle
-                assert isinstance(sender, KVSender)
-                try:
-                    sender.init(len(room.pages))
-                    sender.send(list(room.pages))
-                except (KVRoomError, ValueError, TypeError) as exc:  # e.g. the room failed meanwhile
-                    sender.abort(f"could not send the request's blocks: {exc}")
-                state = sender.poll()
+                self._push(room)
+                state = room.handle.poll()
             if state not in (KVPoll.Success, KVPoll.Failed):
                 continue
             del self.rooms[req_id]
+            if room.room_id is not None:
+                with self._push_lock:
+                    self._by_room.pop(room.room_id, None)
             self._ended(room, state)
             if self.producer:
                 out.finished_sending.add(req_id)
@@ -165,6 +177,27 @@ class RoomWorker:
                 out.failed_recving.add(req_id)
                 self.errors.update(room.pages)
         return out
+
+    def _push(self, room: _Open) -> None:
+        """Send a prefill room's blocks (any thread; once)."""
+        with self._push_lock:
+            if room.sent:
+                return
+            room.sent = True
+        sender = room.handle
+        assert isinstance(sender, KVSender)
+        try:
+            sender.init(len(room.pages))
+            sender.send(list(room.pages))
+        except (KVRoomError, ValueError, TypeError) as exc:  # e.g. the room failed meanwhile
+            sender.abort(f"could not send the request's blocks: {exc}")
+
+    def on_ready(self, room_id: int) -> None:
+        """A prefill room's page list arrived (kvroom's worker thread, room lock held): push soon."""
+        with self._push_lock:
+            room = self._by_room.get(room_id)
+        if room is not None and not room.sent and self.manager is not None:
+            self.manager.enqueue(lambda: self._push(room))  # on kvroom's thread, once the lock is free
 
     def _ended(self, room: _Open, state: KVPoll) -> None:
         ended = self.stats["ended"]
@@ -216,9 +249,38 @@ class RoomWorker:
             with contextlib.suppress(Exception):
                 room.handle.abort("the vLLM worker is shutting down")
         self.rooms.clear()
+        with self._push_lock:
+            self._by_room.clear()
         if self.manager is not None:
             self.manager.close()
             self.manager = None
+
+
+class _PushOnReady:
+    """The manager's observer, wrapped: a room entering WaitingForInput is pushed at once."""
+
+    def __init__(self, worker: RoomWorker, inner: Any) -> None:
+        self.worker = worker
+        self.inner = inner
+        for name in ("on_create", "on_cleanup", "on_ignored"):
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def on_create(self, record: Any) -> None:
+        """No audit observer: nothing to forward."""
+
+    def on_cleanup(self, record: Any) -> None:
+        """No audit observer: nothing to forward."""
+
+    def on_ignored(self, record: Any) -> None:
+        """No audit observer: nothing to forward."""
+
+    def on_transition(self, record: TransitionRecord) -> None:
+        """Forward, then push a room whose page list arrived."""
+        if self.inner is not None:
+            self.inner.on_transition(record)
+        if record.dst is KVPoll.WaitingForInput:
+            self.worker.on_ready(record.room)
 
 
 class _Unopened:

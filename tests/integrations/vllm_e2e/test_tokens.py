@@ -82,8 +82,11 @@ async def _disconnect(url: str, prompt: list[int], max_tokens: int, after_tokens
             task = asyncio.ensure_future(session.post(url + "/v1/completions", json=body))
             await asyncio.sleep(0.02)
             task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            try:
+                resp = await task
+            except asyncio.CancelledError:
+                return 0
+            resp.close()  # the answer's headers beat the cancel: gone before its first token
             return 0
         async with session.post(url + "/v1/completions", json=body) as resp:
             async for line in resp.content:
@@ -97,7 +100,7 @@ async def _disconnect(url: str, prompt: list[int], max_tokens: int, after_tokens
 @pytest.mark.parametrize("side", ["decode", "prefill"])
 def test_a_client_that_disconnects_leaves_nothing_held(pd: PD, reference: Reference, side: str) -> None:
     url = pd.proxy().url
-    prompt = prompt_ids(MAX_MODEL_LEN - 300, seed=3000)
+    prompt = prompt_ids(MAX_MODEL_LEN - 300, seed=3000 if side == "decode" else 3100)  # nothing cached
     seen = run(_disconnect(url, prompt, 200, 3 if side == "decode" else 0))
     assert seen == (3 if side == "decode" else 0)
     pd.wait_idle()  # the aborted request's blocks and room are gone on both engines
