@@ -156,7 +156,8 @@ class ConnectorServer:
         end = time.monotonic() + timeout
         while True:
             with self.lock:
-                got = str(self.connector.worker.rooms[req_id].handle.poll().name)
+                room = self.connector.worker.rooms.get(req_id)
+                got = "absent" if room is None else str(room.handle.poll().name)
             if got == state or time.monotonic() > end:
                 return got
             time.sleep(0.005)

@@ -102,13 +102,11 @@ def test_decode_killed_mid_transfer_frees_prefills_blocks(spawn: Callable[[str],
     addr = boot(prefill, "kv_producer")
     boot(decode, "kv_consumer")
     rooms = [1, 2]
-    prefill.call("looping", False)  # prefill holds still until decode's page lists are in
-    send(prefill, rooms)
-    receive(decode, addr, rooms)
+    receive(decode, addr, rooms)  # decode's page lists wait on prefill for the rooms
     for room in rooms:
-        assert prefill.call("wait_state", f"p-{room}", "WaitingForInput", 30) == "WaitingForInput"
-    decode.pause()  # it cannot vote: the WRITEs go out, the rooms cannot commit
-    prefill.call("looping", True)
+        assert decode.call("wait_state", f"d-{room}", "WaitingForInput", 30) == "WaitingForInput"
+    decode.pause()  # it cannot vote: the WRITEs go out (pushed as the rooms open), none can commit
+    send(prefill, rooms)
     for room in rooms:
         assert prefill.call("wait_state", f"p-{room}", "Transferring", 30) == "Transferring"
     decode.kill()
