@@ -15,7 +15,16 @@ import pytest
 
 from kvroom.demo.vllm.client import complete, complete_all, metric
 from kvroom.demo.vllm.model import prompt_ids
-from tests.integrations.vllm_e2e.engines import BLOCK, BLOCK_BYTES, MAX_MODEL_LEN, PD, Reference, Servers, run
+from tests.integrations.vllm_e2e.engines import (
+    BLOCK,
+    BLOCK_BYTES,
+    MAX_MODEL_LEN,
+    PD,
+    Reference,
+    Servers,
+    run,
+    wait_for,
+)
 
 TOKENS = 16
 
@@ -24,9 +33,18 @@ TOKENS = 16
 pytestmark = [pytest.mark.usefixtures("idle_after"), pytest.mark.timeout(900)]
 
 
-def _bytes(pd: PD) -> tuple[float, float]:
-    """kvroom's bytes moved so far, prefill's and decode's count."""
+def _counts(pd: PD) -> tuple[float, float]:
     return tuple(metric(s.url, "vllm:kvroom_bytes_total") or 0.0 for s in (pd.prefill, pd.decodes[0]))  # type: ignore[return-value]
+
+
+def _bytes(pd: PD) -> tuple[float, float]:
+    """kvroom's bytes moved so far, prefill's and decode's count, once both engines published them.
+
+    Each engine publishes a room's bytes with a later step's stats; every room here moves the
+    same bytes on both sides, so the two counts agree once both are published.
+    """
+    wait_for(lambda: (lambda c: c[0] == c[1])(_counts(pd)), 15, "both engines' byte counts published")
+    return _counts(pd)
 
 
 def test_prompts_from_one_token_to_near_max_model_len(pd: PD, reference: Reference) -> None:
