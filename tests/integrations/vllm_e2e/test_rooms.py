@@ -135,10 +135,19 @@ def test_a_decode_that_leaves_before_prefill_opens_the_room(pd: PD, reference: R
     assert time.monotonic() - started < SOON
 
 
+async def _stream_then_hold(url: str, body: dict[str, Any], started: asyncio.Event) -> None:
+    """Stream a completion; set ``started`` once the server answered with headers, then hold."""
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/completions", json={**body, "stream": True}) as resp:
+            started.set()
+            async for _ in resp.content:
+                pass
+
+
 def test_a_prefill_request_aborted_before_it_was_scheduled(pd: PD, reference: Reference) -> None:
     room = 7_000_050
     params = {"do_remote_prefill": True, ROOM: room, BOOTSTRAP_ADDR: _addr(pd, reference)}
-    busy = [prompt_ids(900, seed=600 + i) for i in range(6)]
+    busy = [prompt_ids(900, seed=600 + i) for i in range(12)]
 
     async def scenario() -> tuple[Completion, float]:
         decoding = asyncio.ensure_future(_decode(pd, A, params))
@@ -146,13 +155,20 @@ def test_a_prefill_request_aborted_before_it_was_scheduled(pd: PD, reference: Re
         body = {"model": "tiny", "max_tokens": 1, "temperature": 0.0}
         load = [asyncio.ensure_future(_post(pd.prefill.url, {**body, "prompt": p})) for p in busy]
         await asyncio.sleep(0.05)  # prefill is busy with them: ours waits in its queue
+        started = asyncio.Event()
         ours = asyncio.ensure_future(
-            _post(
+            _stream_then_hold(
                 pd.prefill.url,
                 {**body, "prompt": A, "kv_transfer_params": {"do_remote_decode": True, ROOM: room}},
+                started,
             )
         )
-        await asyncio.sleep(0.05)
+        # vLLM's server sends a stream's headers as it starts the request, so after them the
+        # request is on its way to the engine.  A client gone before that never reaches the
+        # engine at all: then prefill never learns of the room, and only decode's deadline (or
+        # a router that also cancels decode) ends it, which is not the case under test.
+        await asyncio.wait_for(started.wait(), 60)
+        await asyncio.sleep(0.1)
         ours.cancel()  # the client is gone before vLLM scheduled it
         aborted = time.monotonic()
         with pytest.raises(asyncio.CancelledError):
@@ -165,3 +181,7 @@ def test_a_prefill_request_aborted_before_it_was_scheduled(pd: PD, reference: Re
     c, took = run(scenario())
     assert not c.ok, "decode must not answer without prefill's KV"
     assert took < SOON, f"decode waited {took:.1f} s"
+    events = [line for line in pd.prefill.tail(4000).splitlines() if f"room={room} " in line]
+    assert any("dst=Failed" in e and "ended without KV to send" in e for e in events), (
+        "prefill must have ended the room because its request ended unscheduled"
+    )
