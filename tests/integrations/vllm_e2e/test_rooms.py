@@ -137,11 +137,13 @@ def test_a_decode_that_leaves_before_prefill_opens_the_room(pd: PD, reference: R
 
 async def _stream_then_hold(url: str, body: dict[str, Any], started: asyncio.Event) -> None:
     """Stream a completion; set ``started`` once the server answered with headers, then hold."""
-    async with aiohttp.ClientSession() as session:
-        async with session.post(url + "/v1/completions", json={**body, "stream": True}) as resp:
-            started.set()
-            async for _ in resp.content:
-                pass
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url + "/v1/completions", json={**body, "stream": True}) as resp,
+    ):
+        started.set()
+        async for _ in resp.content:
+            pass
 
 
 def test_a_prefill_request_aborted_before_it_was_scheduled(pd: PD, reference: Reference) -> None:
