@@ -39,7 +39,7 @@ from kvroom.shares import Source, decode_sources, kv_heads
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlClient
 from kvroom.transport.descriptors import IntArray
-from kvroom.transport.faults import classify
+from kvroom.transport.faults import bounded, classify, for_room
 from kvroom.transport.layout import range_overlap
 from kvroom.transport.notif import Notif, parse_notifs
 from kvroom.transport.staging import Reservation, StagingStore, chunk_count
@@ -375,7 +375,7 @@ class DecodeSide(DecodeStaging):
         if room is None or peer.address not in room.peers:
             return  # late word about a finished room, or not ours
         if msg.type == "failed":
-            reason = f"prefill failed the room: {msg.fields['reason']} (rank at {peer.address})"
+            reason = bounded(f"prefill failed the room: {msg.fields['reason']} (rank at {peer.address})")
             self.react(room, Input.FAILED, peer.address, reason=reason, error=RemoteFailureError(reason))
         elif msg.type == "commit":
             self.react(room, Input.COMMIT, peer.address)
@@ -471,7 +471,8 @@ class DecodeSide(DecodeStaging):
         self.m.log.warning("kvroom.peer_lost", peer=peer.address, reason=str(error))
         for room in self.m.table.live_rooms():
             if peer.address in room.peers:  # nothing more lands from it: the protocol decides
-                self.react(room, Input.PEER_LOST, peer.address, reason=str(error), error=error)
+                mine = for_room(error, room.id, f"prefill peer {peer.address} lost")
+                self.react(room, Input.PEER_LOST, peer.address, reason=str(mine), error=mine)
 
     def peer_lost(self, peer: PrefillPeer, error: BaseException, now: float) -> None:
         """Fail (by the protocol) every room bound to ``peer``; a later room re-handshakes."""

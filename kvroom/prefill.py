@@ -68,7 +68,7 @@ from kvroom.transport.auth import ServerAuth
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlServer
 from kvroom.transport.descriptors import IntArray, validate_pages
-from kvroom.transport.faults import classify
+from kvroom.transport.faults import classify, for_room
 from kvroom.transport.nixl import Transfer
 from kvroom.transport.notif import Notif, notif_message, parse_notif
 from kvroom.transport.staging import chunk_pages
@@ -379,7 +379,8 @@ class PrefillSide(PrefillWrites):
         for room in self.m.table.live_rooms():
             if peer.agent in room.peers:
                 left = sum(1 for a in room.peers if a in self.by_agent)
-                self.react(room, Input.PEER_LOST, peer.agent, reason=str(error), error=error, ranks_left=left)
+                mine = for_room(error, room.id, f"decode peer {peer.agent} lost")
+                self.react(room, Input.PEER_LOST, peer.agent, reason=str(mine), error=mine, ranks_left=left)
         self.outbox.drop(peer.agent)
         for t in self.active:
             if t.peer == peer.agent:
@@ -391,7 +392,8 @@ class PrefillSide(PrefillWrites):
         for room_id, entries in list(self.pending.items()):
             kept = [e for e in entries if e[0] != peer.identity]
             if len(kept) < len(entries):
-                self.lost.add(room_id, f"room {room_id}: {error}", now, peer.principal)
+                reason = str(for_room(error, room_id, f"decode peer {peer.agent} lost"))
+                self.lost.add(room_id, reason, now, peer.principal)
             if kept:
                 self.pending[room_id] = kept
             else:

@@ -23,7 +23,7 @@ from kvroom.protocol import Input
 from kvroom.protocol.verdicts import Verdicts
 from kvroom.shares import ChunkWrite, DeferredWrite, deferred_writes, direct_writes, staged_writes
 from kvroom.transport.descriptors import IntArray
-from kvroom.transport.faults import classify
+from kvroom.transport.faults import classify, for_room
 from kvroom.transport.nixl import Transfer
 from kvroom.transport.notif import notif_message
 
@@ -217,8 +217,7 @@ class PrefillWrites:
 
     def _fault(self, rooms: list[int], peer: DecodePeer, exc: BaseException, what: str, now: float) -> None:
         """A NIXL call for ``rooms`` failed: lose the peer, or fail those rooms (re-raise a bug)."""
-        where = f"room {rooms[0]}" if len(rooms) == 1 else f"rooms {rooms}"
-        error = classify(exc, f"{what} {where} to {peer.agent}")
+        error = classify(exc, f"{what} to {peer.agent}")  # one call for many rooms: name none of them
         if error is None:
             raise exc  # a bug, not a transport fault
         if isinstance(error, PeerLostError):
@@ -227,7 +226,8 @@ class PrefillWrites:
         for room_id in rooms:
             room = self.m.table.get(room_id)
             if room is not None:
-                self.react(room, Input.WRITE_ERROR, peer.agent, reason=str(error), error=error)
+                mine = for_room(error, room_id)
+                self.react(room, Input.WRITE_ERROR, peer.agent, reason=str(mine), error=mine)
 
     def _poll_transfers(self, now: float) -> None:
         still = []

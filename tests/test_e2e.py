@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -10,6 +11,7 @@ import pytest
 
 from kvroom.demo.cluster import Cluster
 from kvroom.demo.workload import make_rooms
+from kvroom.transport.faults import MAX_REASON
 from tests.conftest import TRANSPORTS, LagMeter, assert_clean
 
 pytestmark = pytest.mark.slow
@@ -66,6 +68,10 @@ def test_decode_killed_mid_transfer_fails_only_its_rooms(
     caught = [prefill[r] for r in failed if prefill[r].error_type == "PeerLostError"]
     assert caught and max(r.finished for r in caught) - killed_at < lag.bound(3.5)
     assert all(prefill[r].error_type in ("PeerLostError", "DeadlineExceededError") for r in failed)
+    for r in failed:  # each room's reason is its own: it names no other room, and it is short
+        text = prefill[r].error or ""
+        assert re.findall(r"\brooms? \[?(\d+)", text) == [str(r)], text
+        assert len(text) <= MAX_REASON, text
     assert all(prefill[r].state == "Success" for r in other_rooms)
     cluster.finish()
     decode = cluster.outcome("decode")

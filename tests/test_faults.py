@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvroom.errors import BackendError, PeerLostError, TransferCancelledError
-from kvroom.transport.faults import classify, is_nixl_error
+from kvroom.errors import BackendError, IncompatiblePeerError, PeerLostError, TransferCancelledError
+from kvroom.transport.faults import MAX_DETAIL, MAX_REASON, bounded, classify, for_room, is_nixl_error
 
 nixl_bindings = pytest.importorskip("nixl._bindings")
 
@@ -31,3 +31,27 @@ def test_nixl_errors_are_classified(name: str, expected: type[Exception]) -> Non
 def test_programming_errors_are_not_classified() -> None:
     assert classify(TypeError("bug"), "x") is None
     assert not is_nixl_error(KeyError("k"))
+
+
+def test_a_nixl_message_is_bounded() -> None:
+    exc = nixl_bindings.nixlBackendError("x" * 10_000)
+    error = classify(exc, "WRITE to decode-a")
+    assert error is not None
+    assert str(error).startswith("WRITE to decode-a: nixlBackendError: x")
+    assert len(str(error)) <= len("WRITE to decode-a: nixlBackendError: ") + MAX_DETAIL
+
+
+@pytest.mark.parametrize("error", [PeerLostError("WRITE to decode-a: lost"), IncompatiblePeerError("no")])
+def test_one_rooms_error_names_that_room_only(error: Exception) -> None:
+    error.__cause__ = cause = RuntimeError("nixl")
+    mine = for_room(error, 7, "decode peer decode-a lost")
+    assert type(mine) is type(error) and mine is not error
+    assert str(mine) == f"room 7: decode peer decode-a lost: {error}"
+    assert mine.__cause__ is cause
+    assert str(for_room(error, 8)) == f"room 8: {error}"
+
+
+def test_one_rooms_reason_is_bounded() -> None:
+    mine = for_room(BackendError("y" * 5000), 7)
+    assert len(str(mine)) == MAX_REASON and str(mine).endswith("...")
+    assert bounded("short") == "short"
