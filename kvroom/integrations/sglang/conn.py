@@ -171,6 +171,9 @@ class KvroomKVSender(_Room, BaseKVSender):  # type: ignore[misc]
             self._handle = self._tx = KVSender(mgr.kv, None, self.bootstrap_room)
         except KVRoomError as exc:  # a duplicate live room id: fail this request, not the scheduler
             self._latch(f"{type(exc).__name__}: {exc}")
+            return
+        if mgr.must_register_dp_rank(req_has_disagg_prefill_dp_rank):
+            mgr.register_dp_rank(self.bootstrap_room)
 
     def pop_decode_prefix_len(self) -> int:
         """Tokens decode already holds (known once the room left Bootstrapping)."""
@@ -292,6 +295,13 @@ class KvroomKVReceiver(_Room, BaseKVReceiver):  # type: ignore[misc]
                 aux.unpack(self._aux_index)
             self._unpacked = True
         return state
+
+    def fail(self, reason: str) -> None:
+        """Fail the room with ``reason`` from any thread (a refused rebootstrap); no-op once it ended."""
+        if self._handle is None:
+            self._latch(reason)
+        elif not self._cleared and self._handle.room.state not in _TERMINAL:
+            self._rx.abort(reason)
 
     def ensure_abort_notified(self, *, force_arm: bool = False) -> None:
         """Nothing to arm: a kvroom room is Failed only once no WRITE can still land."""

@@ -14,6 +14,14 @@ HTTP bootstrap server (``PUT /route``, the payload SGLang's backends send);
 decode ranks read it back (``GET /route``) in :meth:`try_ensure_parallel_info`
 and when a receiver starts.
 
+Decode also answers the two calls SGLang's decode makes on its own schedule:
+:meth:`~KvroomKVManager.submit_prefill_recompute` (a retracted request's KV
+recomputed by its prefill, SGLang's PD rebootstrap: ``POST /generate`` to the
+HTTP port each prefill rank registers, on a thread pool; a refusal fails the
+room with the prefill's answer) and :meth:`~KvroomKVManager._ensure_prefill_recompute_executor`
+(that thread pool, which SGLang's decode also uses for its prefill DP-rank
+lookups; prefill senders register their DP rank when decode must ask for it).
+
 Audit events go through SGLang's logging, as JSON lines on the stdlib logger
 ``sglang.srt.disaggregation.kvroom.audit``; with ``KVROOM_AUDIT_LOG=PATH`` they
 are also appended, one JSON object per line, to ``PATH`` for ``kvroom audit``.
@@ -21,9 +29,12 @@ are also appended, one JSON object per line, to ``PATH`` for ``kvroom audit``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
@@ -90,17 +101,50 @@ def _parallel(server_args: Any, args: Any) -> tuple[int, int, int, int]:
         return tp, rank, int(getattr(server_args, "pp_size", 1) or 1), 0
 
 
-def _model_config(server_args: Any) -> Any:
-    """SGLang's ``ModelConfig`` of the served model, or None when it cannot be read."""
+def _local_model_path(path: str, revision: str | None) -> str | None:
+    """``path`` when it is on disk, else the Hugging Face cache's snapshot holding its ``config.json``.
+
+    Never touches the network: the scheduler loaded the model before the KV
+    manager is made, so a hub model's config is in the cache by now.
+    """
+    if os.path.exists(path):
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        cached = try_to_load_from_cache(path, "config.json", revision=revision)
+    except Exception:  # not a repo id at all
+        return None
+    return os.path.dirname(cached) if isinstance(cached, str) else None
+
+
+def _model_config(server_args: Any) -> tuple[Any, str]:
+    """(SGLang's ``ModelConfig`` of the served model or None, why it is None), read without the network.
+
+    SGLang hands its backends no model config; building one from a hub id would
+    retry the hub for ~50 s on a machine without network, so a model that is
+    neither on disk nor in the cache is not read at all.
+    """
+    path = getattr(server_args, "model_path", None)
+    args = server_args
+    if path is not None:
+        local = _local_model_path(str(path), getattr(server_args, "revision", None))
+        if local is None:
+            return None, f"model {path!r} is neither a local path nor in the Hugging Face cache"
+        if local != path:
+            args = copy.copy(server_args)
+            args.model_path = local
     try:
         from sglang.srt.configs.model_config import ModelConfig
 
-        return ModelConfig.from_server_args(server_args)
-    except Exception:
-        return None
+        return ModelConfig.from_server_args(args), ""
+    except Exception as exc:
+        return None, f"SGLang's ModelConfig could not be read: {type(exc).__name__}: {exc}"[:300]
 
 
-def _kv_heads(args: Any, model: Any, tp: int) -> tuple[int, int]:
+def _kv_heads(args: Any, model: Any, tp: int, why: str = "") -> tuple[int, int]:
     """(KV heads this rank holds, the model's total KV heads).
 
     ``KVArgs.kv_head_num`` / ``total_kv_head_num`` (SGLang's prefill sets them),
@@ -113,7 +157,7 @@ def _kv_heads(args: Any, model: Any, tp: int) -> tuple[int, int]:
         if model is None:
             raise ValueError(
                 "kvroom needs the model's KV head count: KVArgs.total_kv_head_num is unset and the "
-                "model config could not be read"
+                f"model config could not be read ({why or 'no model path'})"
             )
         total = int(model.get_total_num_kv_heads())
     if local <= 0:
@@ -121,16 +165,42 @@ def _kv_heads(args: Any, model: Any, tp: int) -> tuple[int, int]:
     return local, total
 
 
-def _layers(args: Any, model: Any, per_layer: int, pp_size: int) -> int:
+def _layers(args: Any, model: Any, per_layer: int, pp_size: int, why: str = "") -> int:
     """The model's layer count: the model config's, else (no PP) what this rank's buffers span."""
     if model is not None and getattr(model, "num_hidden_layers", None):
         return int(model.num_hidden_layers)
     if pp_size > 1:
         raise ValueError(
             "kvroom needs the model's layer count with pipeline-parallel prefill and the model "
-            "config could not be read"
+            f"config could not be read ({why or 'no model path'})"
         )
     return model_layers(args, per_layer)
+
+
+def _serving(server_args: Any) -> tuple[int | None, str, str, int]:
+    """(HTTP port, decode allocation policy, DP load-balance method, DP ranks) as SGLang published them."""
+    try:
+        from sglang.srt.runtime_context import get_disagg, get_parallel, get_serving
+
+        port = get_serving().port
+        policy = get_disagg().disaggregation_decode_allocation_policy
+        parallel = get_parallel()
+        method, ranks = parallel.load_balance_method, parallel.num_dp_ranks
+    except Exception:  # not published (a scheduler always publishes it): read server_args
+        port = getattr(server_args, "port", None)
+        policy = getattr(server_args, "disaggregation_decode_allocation_policy", None)
+        method = getattr(server_args, "load_balance_method", None)
+        ranks = getattr(server_args, "dp_size", 1)
+    return (
+        int(port) if port is not None else None,
+        str(policy or "early"),
+        str(method or "follow_bootstrap_room"),
+        int(ranks or 1),
+    )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _bootstrap_url(server_args: Any) -> str:
@@ -162,6 +232,8 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
     enable_deferred_decode_kv_release = False
     supports_deferred_decode_kv_release = False
     supports_host_destination = False
+    # kvroom ranks have no context parallelism (attn_cp_size 1): one CP rank sends
+    enable_all_cp_ranks_for_transfer = False
 
     def __init__(
         self, args: Any, disaggregation_mode: Any, server_args: Any, is_mla_backend: bool | None = False
@@ -182,8 +254,8 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
         self.attn_tp_size, self.attn_tp_rank, self.pp_size, self.attn_dp_rank = tp, rank, pp, dp_rank
         self.attn_cp_size, self.attn_cp_rank = 1, 0
         self.aux: AuxPacker | None = None
-        model = _model_config(server_args)
-        heads = None if self.is_mla_backend else _kv_heads(args, model, tp)
+        model, why = _model_config(server_args)
+        heads = None if self.is_mla_backend else _kv_heads(args, model, tp, why)
         self.page_size = int(args.page_size)
         pp_rank = int(getattr(args, "pp_rank", 0) or 0)
         if staging:  # the staging ring lives on tensor pools, on both sides (see regions.py)
@@ -204,7 +276,7 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             )
         else:
             shape = RankShape(rank, tp, pp_rank, pp, self.is_mla_backend)
-            layers = _layers(args, model, 1 if self.is_mla_backend else 2, pp)
+            layers = _layers(args, model, 1 if self.is_mla_backend else 2, pp, why)
             pool = regions_from_kv_args(args, shape, layers, heads)
         self.pool = pool
         deadlines = Deadlines(
@@ -230,6 +302,10 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
         self.prefill_info_table: dict[str, Any] = {}
         self._rank_addrs: dict[tuple[str, int], list[str]] = {}
         self.transfer_infos: dict[int, Any] = {}  # read by SGLang's staging prefetch only
+        self.http_port, self.allocation_policy, self.load_balance_method, self.dp_size = _serving(server_args)
+        self.waiting_timeout = deadlines.waiting
+        self._prefill_recompute_executor: ThreadPoolExecutor | None = None
+        self._executor_lock = threading.Lock()
         if role == "prefill":
             self.register_to_bootstrap()
 
@@ -253,7 +329,9 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             "rank_port": int(port),
             "page_size": int(self.kv_args.page_size),
             "kv_cache_dtype": str(getattr(self.kv_args, "kv_cache_dtype_str", "auto")),
-            "load_balance_method": "follow_bootstrap_room",
+            "load_balance_method": self.load_balance_method,
+            "prefill_http_port": self.http_port,  # where decode's rebootstrap asks for a recompute
+            "decode_allocation_policy": self.allocation_policy,
         }
         url, error = f"{self.bootstrap_url}/route", ""
         for _ in range(_REGISTER_TRIES):  # the server may still be starting, as SGLang's backends allow
@@ -268,7 +346,91 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             time.sleep(0.5)
         raise RuntimeError(f"kvroom prefill rank could not register at {url}: {error}")
 
+    def must_register_dp_rank(self, has_dp_rank: bool) -> bool:
+        """Whether a new room's DP rank goes to the bootstrap server: decode cannot derive it.
+
+        As SGLang's own senders decide: several DP ranks, the request not routed to
+        a rank by the router, and a load balance other than ``follow_bootstrap_room``
+        (or ``SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK`` set).
+        """
+        if self.role != "prefill" or self.dp_size <= 1 or has_dp_rank:
+            return False
+        forced = _env_flag("SGLANG_DISAGGREGATION_FORCE_QUERY_PREFILL_DP_RANK")
+        return forced or self.load_balance_method != "follow_bootstrap_room"
+
+    def register_dp_rank(self, bootstrap_room: int) -> None:
+        """``POST /register_dp_rank``: this rank's DP rank for one room, for decode's lookup.
+
+        Failures are logged, as SGLang's senders do: decode's lookup then waits and
+        its room fails by its own deadline, never this scheduler.
+        """
+        payload = {"bootstrap_room": int(bootstrap_room), "dp_rank": self.attn_dp_rank}
+        try:
+            url = f"{self.bootstrap_url}/register_dp_rank"
+            response = requests.post(url, json=payload, timeout=_HTTP_TIMEOUT)
+        except requests.RequestException as exc:
+            log.error("kvroom: could not register room %s's DP rank: %s", bootstrap_room, exc)
+            return
+        if response.status_code != 200:
+            log.error("kvroom: could not register room %s's DP rank: %s", bootstrap_room, response.text[:200])
+
     # -- decode ----------------------------------------------------------------
+
+    def _ensure_prefill_recompute_executor(self) -> ThreadPoolExecutor:
+        """The thread pool SGLang's decode runs its bootstrap-server lookups and recomputes on (lazy).
+
+        ``SGLANG_DISAGGREGATION_THREAD_POOL_SIZE`` threads (16 when unset), as SGLang's
+        own backends; shut down by :meth:`close`.
+        """
+        with self._executor_lock:
+            if self._prefill_recompute_executor is None:
+                workers = int(os.environ.get("SGLANG_DISAGGREGATION_THREAD_POOL_SIZE") or 16)
+                self._prefill_recompute_executor = ThreadPoolExecutor(
+                    max_workers=max(1, workers), thread_name_prefix="kvroom-prefill-recompute"
+                )
+            return self._prefill_recompute_executor
+
+    def prefill_http_url(self, bootstrap_addr: str) -> str | None:
+        """``http://host:port`` of a prefill's HTTP API (bootstrap host, the port its ranks registered)."""
+        info = self.prefill_info_table.get(bootstrap_addr)
+        port = getattr(info, "prefill_http_port", None)
+        if port is None:
+            return None
+        host = bootstrap_addr.rsplit(":", 1)[0]
+        return f"http://{host}:{int(port)}"
+
+    def submit_prefill_recompute(self, kv_receiver: Any, payload: dict[str, Any]) -> None:
+        """SGLang's PD rebootstrap: ask the prefill to recompute a retracted request's KV into its room.
+
+        The decode scheduler calls this on every rank of the request's group; one
+        ``POST /generate`` suffices (the prefill serves every decode rank from it),
+        so only the group's first rank sends it, from the thread pool: the
+        scheduler's loop never waits on HTTP.  The prefill's room for the same
+        id then sends the recomputed pages to the receiver that already sent its
+        page list.  No URL, an error status or no answer fails the receiver's room
+        with that reason.
+        """
+        if self.attn_tp_rank != 0 or int(getattr(self.kv_args, "pp_rank", 0) or 0) != 0:
+            return
+        url = self.prefill_http_url(kv_receiver.bootstrap_addr)
+        if url is None:
+            kv_receiver.fail(
+                f"PD rebootstrap: prefill at {kv_receiver.bootstrap_addr} registered no HTTP port to "
+                "recompute the request on"
+            )
+            return
+        self._ensure_prefill_recompute_executor().submit(self._recompute, kv_receiver, url, dict(payload))
+
+    def _recompute(self, kv_receiver: Any, url: str, payload: dict[str, Any]) -> None:
+        rid = payload.get("rid")
+        try:
+            response = requests.post(f"{url}/generate", json=payload, timeout=self.waiting_timeout)
+        except requests.RequestException as exc:
+            kv_receiver.fail(f"PD rebootstrap of rid={rid}: POST {url}/generate failed: {exc}")
+            return
+        if response.status_code >= 400:
+            status, text = response.status_code, response.text[:200]
+            kv_receiver.fail(f"PD rebootstrap of rid={rid}: {url}/generate answered {status}: {text}")
 
     def try_ensure_parallel_info(self, bootstrap_addr: str) -> bool:
         """Fetch the prefill's parallel sizes from its bootstrap server; False while not ready."""
@@ -326,5 +488,8 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
         return info is not None and int(info.attn_tp_size) == self.attn_tp_size
 
     def close(self) -> None:
-        """Stop the kvroom manager (worker thread, sockets, NIXL registrations)."""
+        """Stop the kvroom manager (worker thread, sockets, NIXL registrations) and the thread pool."""
+        executor = self._prefill_recompute_executor
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
         self.kv.close()

@@ -92,6 +92,7 @@ class SchedulerRank:
             dp_size=1,
             pp_size=pp[1],
             host="127.0.0.1",
+            port=self._serve_generate() if role == "prefill" and rank == 0 else None,
             disaggregation_bootstrap_port=bootstrap_port,
         )
         if pp[1] > 1:  # no model on disk here: SGLang's ModelConfig says what its config.json would
@@ -102,6 +103,57 @@ class SchedulerRank:
         mode = DisaggregationMode.PREFILL if role == "prefill" else DisaggregationMode.DECODE
         self.mgr = self.classes[KVClassType.MANAGER](args, mode, server_args, family == "mla")
         return type(self.mgr).__module__ + "." + type(self.mgr).__name__
+
+    def _serve_generate(self) -> int:
+        """This prefill's HTTP API, as far as SGLang's PD rebootstrap uses it: ``POST /generate``.
+
+        Each call's JSON is recorded (:meth:`generated`) and then served as prefill's
+        scheduler would: a sender for its ``bootstrap_room``, polled to WaitingForInput,
+        its pages sent (pages ``1..n`` for ``n = len(input_ids) / PAGE_SIZE``).  A
+        ``rid`` starting with ``refuse`` is answered 503 instead.
+        """
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        rank = self
+        self.generate_calls: list[dict[str, Any]] = []
+
+        class Generate(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                rank.generate_calls.append({"path": self.path, **payload})
+                refused = str(payload["rid"]).startswith("refuse")
+                status, body = (503, "no capacity") if refused else (200, "{}")
+                if not refused:
+                    rank._recompute(payload)
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Generate)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return int(server.server_address[1])
+
+    def _recompute(self, payload: dict[str, Any]) -> None:
+        """Prefill's side of a rebootstrap: the room's KV sent again (polls without collectives)."""
+        from sglang.srt.disaggregation.base.conn import KVPoll
+
+        room = int(payload["bootstrap_room"])
+        self.sender(room)
+        tx, end = self.requests[room], time.monotonic() + 30
+        while tx.poll() == KVPoll.Bootstrapping and time.monotonic() < end:
+            time.sleep(0.005)
+        pages = len(payload["input_ids"]) // PAGE_SIZE
+        self.begin(room, pages * PAGE_SIZE, 2)
+        self.chunk(room, list(range(1, 1 + pages)), True)
+
+    def generated(self) -> list[dict[str, Any]]:
+        """Every ``POST /generate`` this prefill's HTTP API got, oldest first."""
+        return list(self.generate_calls)
 
     def class_names(self) -> dict[str, str]:
         return {t.value: f"{c.__module__}.{c.__name__}" for t, c in self.classes.items() if c is not None}
@@ -202,6 +254,70 @@ class SchedulerRank:
         state = self._state_indices(slot)
         rx.send_metadata(np.asarray(dst, dtype=np.int32), aux, state, decode_prefix_len=prefix_tokens)
         self.requests[room] = rx
+
+    def rebootstrap(self, room: int, addr: str, dst: list[int], aux: int, tokens: int, rid: str) -> None:
+        """A retracted request coming back (SGLang's PD rebootstrap, allocation policy "early").
+
+        A new receiver for the same room sends its page list, then SGLang's own
+        ``DecodePreallocQueue._submit_prefill_recompute`` asks the manager to have
+        prefill recompute it, with the payload ``Req.build_rebootstrap_payload`` builds.
+        """
+        from sglang.srt.disaggregation.decode import DecodePreallocQueue, DecodeRequest
+        from sglang.srt.managers.schedule_batch import Req
+
+        self.receiver(room, addr, dst, aux)
+        sampling = types.SimpleNamespace(
+            temperature=0.0, top_p=1.0, top_k=-1, min_p=0.0, frequency_penalty=0.0, presence_penalty=0.0,
+            repetition_penalty=1.0, ignore_eos=False, skip_special_tokens=True,
+            spaces_between_special_tokens=True, no_stop_trim=False,
+        )  # fmt: skip
+        host, port = addr.rsplit(":", 1)
+        req = types.SimpleNamespace(
+            rid=rid, origin_input_ids=list(range(tokens - 1)), output_ids=[7], sampling_params=sampling,
+            bootstrap_host=host, bootstrap_port=int(port), bootstrap_room=room, priority=None,
+            extra_key=None, cache_salt=None, routing_key=None, disagg_prefill_dp_rank=None,
+        )  # fmt: skip
+        req.build_rebootstrap_payload = types.MethodType(Req.build_rebootstrap_payload, req)
+        queue = DecodePreallocQueue.__new__(DecodePreallocQueue)
+        queue.kv_manager = self.mgr
+        decode_req = DecodeRequest(req=req, kv_receiver=self.requests[room], is_rebootstrap=True)
+        queue._submit_prefill_recompute(decode_req)
+
+    def query_dp_ranks(self, addr: str, rooms: list[int]) -> dict[str, Any]:
+        """SGLang's decode-side DP-rank lookup, on the manager's thread pool as its decode runs it.
+
+        ``DecodePreallocQueue.prefetch_prefill_dp_rank_queries`` (for a prefill that
+        says it has two DP ranks), then the answer of the future it submitted.
+        """
+        from sglang.srt.disaggregation.decode import DecodePreallocQueue
+
+        info = self.mgr.prefill_info_table[addr]
+        info.dp_size = 2  # what a DP prefill publishes; its rooms' ranks must then be asked for
+        queue = DecodePreallocQueue.__new__(DecodePreallocQueue)
+        queue.kv_manager = self.mgr
+        queue._prefill_dp_rank_queries = {}
+        queue.pending_reqs = [
+            types.SimpleNamespace(
+                req=types.SimpleNamespace(
+                    bootstrap_host=addr.rsplit(":", 1)[0],
+                    bootstrap_port=int(addr.rsplit(":", 1)[1]),
+                    bootstrap_room=room,
+                    disagg_prefill_dp_rank=None,
+                )
+            )
+            for room in rooms
+        ]
+        queue.prefetch_prefill_dp_rank_queries()
+        _, future = queue._prefill_dp_rank_queries[addr]
+        return dict(future.result(timeout=30))
+
+    def register_rooms_dp_rank(self, room: int) -> None:
+        """A sender on a prefill that says it has two DP ranks: it registers the room's rank."""
+        self.mgr.dp_size = 2
+        try:
+            self.sender(room)
+        finally:
+            self.mgr.dp_size = 1
 
     def holds(self, dst: list[int], src: list[int]) -> bool:
         """Decode pages ``dst`` hold prefill pages ``src`` for every head of every KV buffer."""

@@ -263,3 +263,41 @@ def test_aux_rows_of_different_sizes_pack_into_one_slot_and_back() -> None:
     packer.unpack(4)
     assert all(torch.equal(r[4], w) for r, w in zip(rows, want, strict=True))
     assert all(int(r[3].sum()) == 0 for r in rows)  # only that row
+
+
+def test_a_model_neither_on_disk_nor_cached_fails_the_manager_at_once_naming_it(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # decode without staging: KVArgs carries no head count, so kvroom must read the model's config
+    import time
+
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    from kvroom.integrations.sglang.manager import KvroomKVManager
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache, and no network
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    args, _keep = kv_args(layers=1, heads=1)
+    server_args = types.SimpleNamespace(tp_size=1, dp_size=1, pp_size=1, host="127.0.0.1")
+    server_args.disaggregation_bootstrap_port, server_args.model_path = 1, "someone/not-downloaded-7b"
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=r"KV head count.*'someone/not-downloaded-7b' is neither a local"):
+        KvroomKVManager(args, DisaggregationMode.DECODE, server_args, False)
+    assert time.monotonic() - started < 5.0  # no hub retries (they took ~50 s)
+
+
+def test_a_hub_models_config_is_read_from_the_cache_snapshot(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvroom.integrations.sglang.manager import _local_model_path
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--org--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    assert _local_model_path("org/tiny", None) == str(snapshot)
+    assert _local_model_path(str(snapshot), None) == str(snapshot)  # a local path stays as it is
+    assert _local_model_path("org/absent", None) is None
