@@ -44,6 +44,7 @@ from sglang.srt.disaggregation.base.conn import BaseKVManager
 from kvroom.config import ManagerConfig
 from kvroom.fsm import Deadlines
 from kvroom.integrations.sglang.regions import RankShape, Unsupported, model_layers, regions_from_kv_args
+from kvroom.integrations.sglang.routes import seal, server_public_key
 from kvroom.integrations.sglang.staging import AuxPacker, pool_from_kv_args
 from kvroom.manager import KVManager
 from kvroom.planning import RankRegions
@@ -333,6 +334,9 @@ class KvroomKVManager(BaseKVManager):  # type: ignore[misc]
             "prefill_http_port": self.http_port,  # where decode's rebootstrap asks for a recompute
             "decode_allocation_policy": self.allocation_policy,
         }
+        keys = self.kv.config.keys
+        if keys is not None:  # only a trusted prefill key writes the table (see routes.py)
+            payload = seal(payload, keys.secret, server_public_key(keys.public))
         url, error = f"{self.bootstrap_url}/route", ""
         for _ in range(_REGISTER_TRIES):  # the server may still be starting, as SGLang's backends allow
             try:

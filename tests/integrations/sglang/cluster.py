@@ -70,6 +70,7 @@ class Cluster:
 
     ``prefill`` lists the prefill ranks stage-major (``prefill_pp`` stages of
     ``prefill_tp`` ranks, one gloo group per stage); every rank runs ``family``.
+    ``env`` goes to every rank; ``role_env["prefill"]`` / ``["decode"]`` to that role's on top.
     """
 
     def __init__(
@@ -79,24 +80,27 @@ class Cluster:
         env: dict[str, str] | None = None,
         family: str = "mha",
         prefill_pp: int = 1,
+        role_env: dict[str, dict[str, str]] | None = None,
     ):
         self.nodes: list[Node] = []
         port, *gloos = free_ports(1 + prefill_pp + len(decode_tps))
         self.addr = f"127.0.0.1:{port}"
         self.prefill = [self._node(f"prefill{r}") for r in range(prefill_tp * prefill_pp)]
         self.decodes = [[self._node(f"decode{i}.{r}") for r in range(tp)] for i, tp in enumerate(decode_tps)]
+        penv = {**(env or {}), **(role_env or {}).get("prefill", {})}
+        denv = {**(env or {}), **(role_env or {}).get("decode", {})}
         for stage in range(prefill_pp):
             gloo = gloos.pop()
             for r in range(prefill_tp):
                 node = self.prefill[stage * prefill_tp + r]
                 pp = (stage, prefill_pp)
                 node.post(
-                    "start", "prefill", r, prefill_tp, port, gloo, node is self.prefill[0], env, family, pp
+                    "start", "prefill", r, prefill_tp, port, gloo, node is self.prefill[0], penv, family, pp
                 )
         for group in self.decodes:
             gloo = gloos.pop()
             for r, node in enumerate(group):
-                node.post("start", "decode", r, len(group), port, gloo, False, env, family)
+                node.post("start", "decode", r, len(group), port, gloo, False, denv, family)
         for node in self.nodes:
             node.result("start", timeout=300)
 
