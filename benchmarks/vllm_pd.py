@@ -135,7 +135,7 @@ def _merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         elif isinstance(rounds[0][key], dict):
             out[key] = _merge([r[key] for r in rounds])
         else:
-            out[key] = statistics.median(values) if values else None
+            out[key] = round(statistics.median(values), 3) if values else None  # JSON as printed
     return out
 
 
@@ -199,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode, per in summary["modes"].items():
         for conc, f in per.items():
             print(
-                f"{mode:8} {conc:>4} {f['ttft_ms_p50']:>9} {f['ttft_ms_p99']:>9} {f['itl_ms_p50']:>8} "
-                f"{f['requests_per_s']:>7} {f['wall_s']:>7} {f['tokens_equal']}/{f['requests']}"
+                f"{mode:8} {conc:>4} {f['ttft_ms_p50']:>9.2f} {f['ttft_ms_p99']:>9.2f} "
+                f"{f['itl_ms_p50']:>8.2f} {f['requests_per_s']:>7.2f} {f['wall_s']:>7.3f} "
+                f"{f['tokens_equal']}/{f['requests']}"
             )
     kv = summary["modes"].get("kvroom", {}).get("1", {})
     if "ttft_breakdown_ms" in kv:
