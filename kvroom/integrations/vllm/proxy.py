@@ -15,8 +15,10 @@ waiting when prefill's request finishes, so prefill pushes without a second roun
 
 Failures are HTTP errors, never hangs: an unreachable or dead upstream is a 502 naming it, a
 prefill that answers without room params (it refused the room id, or the request) a 502 saying
-so, an upstream error status is passed through.  A client that disconnects closes the upstream
-requests, so vLLM aborts them (and kvroom fails their rooms on both sides).  A stream decode
+so, an upstream error status is passed through.  A client that disconnects during decode closes
+decode's request, so vLLM aborts it (and kvroom fails its room on both sides); one gone while
+prefill runs lets that prefill finish and has decode take the room for one token nobody reads,
+since an abort racing prefill's end could leave a room that no decode comes for.  A stream decode
 breaks mid-way ends with an ``error`` event.  Needs ``aiohttp`` (a vLLM dependency).
 
 ``--connector nixl`` routes vLLM's own NixlConnector the same way (no room id: prefill's params
@@ -93,6 +95,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self.bootstrap: dict[str, list[str]] = {}  # prefill URL -> its kvroom addresses (learned)
         self.served = 0
+        self._releasing: set[asyncio.Future[None]] = set()  # rooms of clients gone mid-prefill
         self.trace = trace
         self.failed = 0
 
@@ -175,11 +178,37 @@ class Proxy:
                     BOOTSTRAP_ADDR: known,
                 }
                 return await self._both(request, prefill, decode + path, body, params, room)
-            params = await self._prefill(prefill, path, body, room)
+            pre = asyncio.ensure_future(self._prefill(prefill, path, body, room))
+            try:
+                params = await asyncio.shield(pre)
+            except asyncio.CancelledError:  # the client left while prefill ran
+                self._release_later(pre, decode + path, body)
+                raise
             return await self._decode(request, decode + path, body, params)
         except UpstreamError as exc:
             self.failed += 1
             return _error(exc.status, str(exc), exc.kind)
+
+    def _release_later(self, pre: asyncio.Future[dict[str, Any]], url: str, body: dict[str, Any]) -> None:
+        """A client left while prefill ran: let prefill finish, then have decode take the room at once.
+
+        Closing prefill's request would race its end: an abort that arrives after the
+        prefill finished leaves a room open with no decode coming, its blocks held until
+        the Bootstrapping deadline.  Instead prefill finishes and decode takes the KV for
+        one token, whose answer nobody reads: both engines let go within a step.
+        """
+
+        async def release() -> None:
+            with contextlib.suppress(Exception):
+                params = await pre
+                assert self._session is not None
+                req = {**body, "max_tokens": 1, "stream": False, "kv_transfer_params": params}
+                async with self._session.post(url, json=req) as resp:
+                    await resp.read()
+
+        task = asyncio.ensure_future(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def _both(
         self,

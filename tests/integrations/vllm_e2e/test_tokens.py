@@ -119,9 +119,12 @@ async def _disconnect(url: str, prompt: list[int], max_tokens: int, after_tokens
 def test_a_client_that_disconnects_leaves_nothing_held(pd: PD, reference: Reference, side: str) -> None:
     url = pd.proxy().url
     prompt = prompt_ids(MAX_MODEL_LEN - 300, seed=3000 if side == "decode" else 3100)  # nothing cached
+    before = metric(pd.prefill.url, "vllm:prompt_tokens_total") or 0.0
     seen = run(_disconnect(url, prompt, 200, 3 if side == "decode" else 0))
     assert seen == (3 if side == "decode" else 0)
-    pd.wait_idle()  # the aborted request's blocks and room are gone on both engines
+    # prefill got the request (an idle read before that would prove nothing), then nothing is held
+    wait_for(lambda: (metric(pd.prefill.url, "vllm:prompt_tokens_total") or 0.0) > before, 30, "prefill ran")
+    pd.wait_idle()  # the abandoned request's blocks and room are gone on both engines
     prompts = [prompt_ids(100, seed=3001)]
     (after,) = run(complete_all(url, prompts, TOKENS))
     assert after.tokens == reference.tokens(prompts, TOKENS)[0]
