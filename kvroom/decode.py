@@ -61,6 +61,7 @@ class PrefillPeer:
     agent: str | None = None  # set by welcome
     layout: RankLayout | None = None  # set by welcome
     queued: list[int] = field(default_factory=list)  # rooms waiting for the handshake
+    aborts: list[tuple[int, str]] = field(default_factory=list)  # (room, reason) said after it
 
 
 @dataclass
@@ -344,11 +345,16 @@ class DecodeSide(DecodeStaging):
             self.m.log.warning("kvroom.unexpected_input", room=room.id, detail=str(outcome.unexpected))
         for send in fire_actions(self.m.table, room, outcome, self.m.clock()):
             peer = self.peers.get(send.to)
-            if peer is None or peer.agent is None:
-                continue  # never greeted, or lost: it has nothing of the room
+            if peer is None:
+                continue  # lost: it has nothing of the room
             fields: dict[str, Any] = {"room": room.id}
             if send.msg is Msg.ABORT:
                 fields["reason"] = send.reason[:2000]
+            if peer.agent is None:  # greeting: prefill may hold the room already (its request came first)
+                if send.msg is Msg.ABORT:
+                    peer.aborts.append((room.id, fields["reason"]))
+                    del peer.aborts[: -self.m.config.pending_limit]
+                continue
             peer.client.send(send.msg.value, fields)
 
     # -- inbound ------------------------------------------------------------------
@@ -411,6 +417,9 @@ class DecodeSide(DecodeStaging):
             room = self.m.table.get(room_id)
             if room is not None:
                 self.send_room(room)
+        aborts, peer.aborts = peer.aborts, []
+        for room_id, reason in aborts:  # rooms aborted while we greeted: prefill frees them now
+            peer.client.send(Msg.ABORT.value, {"room": room_id, "reason": reason})
 
     def _drain_notifications(self, now: float) -> None:
         try:

@@ -107,3 +107,28 @@ def test_another_decodes_waiting_page_list_keeps_an_orphaned_room_alive(
         rx2.clear()
     finally:
         other.close()
+
+
+@pytest.mark.parametrize("greeted", [False, True], ids=["first-contact", "greeted"])
+def test_a_decode_that_aborts_before_its_page_list_fails_the_open_room_at_once(
+    pair: tuple[KVManager, KVManager], greeted: bool
+) -> None:
+    """Prefill's room is open and waits; decode aborts its room before sending a page list.
+
+    First contact: decode's abort waits for the handshake the receiver started, then goes out.
+    """
+    p, d = pair
+    if greeted:
+        _waiting_page_list(p, d, 5).abort("warm-up")
+        assert wait(lambda: p.snapshot()["pending_infos"] == 0)
+    tx = KVSender(p, None, 4)
+    started = time.monotonic()
+    rx = KVReceiver(d, p.bootstrap_addr, 4)
+    rx.init()
+    rx.abort("client disconnected")
+    assert wait(lambda: tx.poll() is KVPoll.Failed, SOON)
+    assert time.monotonic() - started < SOON
+    with pytest.raises(RemoteFailureError, match="client disconnected"):
+        tx.failure_exception()
+    assert wait(lambda: rx.poll() is KVPoll.Failed, SOON)
+    assert p.footprint(4) == d.footprint(4) == frozenset()

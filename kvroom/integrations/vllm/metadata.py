@@ -34,6 +34,8 @@ class RecvJob:
     ``pages`` are the request's blocks after its local prefix hit of
     ``prefix_len`` tokens (a whole number of blocks); prefill skips that prefix.
     ``fingerprint``: the request's :func:`kvroom.request_fingerprint`, checked by prefill.
+    ``pages`` empty: the request ended before its receive opened; the worker opens the
+    room only to abort it, so a prefill that holds it frees its blocks at once.
     """
 
     req_id: str

@@ -15,7 +15,8 @@ the wait; a failed room is in ``failed_recving`` too, so vLLM's
 prefill locally).  The flag is cleared once acted on, so a recompute never
 waits for remote KV again.  A request aborted while its room is open gets its
 room aborted; vLLM keeps its blocks until the room reports, i.e. until no
-WRITE into them can land.
+WRITE into them can land.  One that ends before its room opened (aborted while
+it waited to be scheduled) still tells prefill, whose room fails at once.
 
 A room's KV reaches only its request: prefill refuses a room id one of its
 requests still holds (the second request gets no ``kv_transfer_params``, so a
@@ -98,7 +99,8 @@ class RoomScheduler:
         if remote is None:
             return
         params["do_remote_prefill"] = False  # acted on: a retry or recompute prefills locally
-        if num_external_tokens <= 0:
+        if num_external_tokens <= 0:  # nothing to receive: prefill's room need not wait for us
+            self.jobs.recvs.append(RecvJob(request.request_id, remote.room, remote.bootstrap_addr, (), 0))
             return
         prompt = len(request.prompt_token_ids or ())
         prefix_pages = (prompt - num_external_tokens) // self.block_size
@@ -119,6 +121,8 @@ class RoomScheduler:
             if req_id in self.receiving and req_id not in self.cancelling:
                 self.cancelling.add(req_id)
                 self.jobs.cancels.append(req_id)
+            elif req_id not in self.receiving:
+                self._forgo(request)
             return False, None  # vLLM itself keeps a receiving request's blocks until it reports
         room = remote_decode_room(request.kv_transfer_params)
         if room is None:
@@ -135,6 +139,17 @@ class RoomScheduler:
         self.rooms[room] = req_id
         self.jobs.sends.append(SendJob(req_id, room, tuple(block_ids[:needed]), _fingerprint(request)))
         return True, decode_params(room, self.bootstrap_addr)
+
+    def _forgo(self, request: Any) -> None:
+        """Decode: a request that ends before its receive opened (aborted while waiting, say).
+
+        Prefill may hold the room already (its request came first); an abort from us
+        fails it there at once instead of at its Bootstrapping deadline.
+        """
+        remote = remote_prefill(request.kv_transfer_params)
+        if remote is not None:  # not acted on: no receive was ever opened for it
+            request.kv_transfer_params["do_remote_prefill"] = False
+            self.jobs.recvs.append(RecvJob(request.request_id, remote.room, remote.bootstrap_addr, (), 0))
 
     def build_meta(self) -> KVRoomMetadata:
         """This step's jobs for the workers (the scheduler forgets them)."""

@@ -143,6 +143,9 @@ class RoomWorker:
 
     def _recv(self, job: RecvJob) -> None:
         assert self.manager is not None
+        if not job.pages:
+            self._forgo(job)
+            return
         try:
             receiver = KVReceiver(self.manager, list(job.bootstrap_addr), job.room)
             receiver.init()
@@ -151,6 +154,17 @@ class RoomWorker:
             self.rooms[job.req_id] = _Open(job.req_id, _Unopened(exc), job.pages, time.monotonic())
             return
         self.rooms[job.req_id] = _Open(job.req_id, receiver, job.pages, time.monotonic())
+
+    def _forgo(self, job: RecvJob) -> None:
+        """Decode: the request ended before its receive opened; abort the room at prefill."""
+        assert self.manager is not None
+        try:
+            receiver = KVReceiver(self.manager, list(job.bootstrap_addr), job.room)
+        except (KVRoomError, ValueError, TypeError):
+            return  # e.g. another request of ours holds the room id: its own room speaks for it
+        receiver.init()
+        receiver.abort("the decode request ended before its KV was received")
+        self._count_failure("RoomAbortedError")
 
     # -- progress ---------------------------------------------------------------
 

@@ -281,3 +281,29 @@ def test_a_decode_prompt_other_than_prefills_fails_the_room_on_both_sides_at_onc
     failures = {k: v for s in prefill.stats for k, v in s["failures"].items()}
     assert failures == {"RequestMismatchError": 1}, failures
     assert_clean(prefill, decode, {"prefill": "p-5", "decode": "d-5"}, 22)
+
+
+@pytest.mark.parametrize("greeted", [False, True], ids=["first-contact", "greeted"])
+def test_a_decode_request_gone_before_its_room_opened_frees_prefills_room_at_once(
+    engines: Callable[..., tuple[Engine, Engine]], greeted: bool
+) -> None:
+    """Prefill's room waits for decode; decode's request is aborted before vLLM scheduled it."""
+    prefill, decode = engines()
+    if greeted:  # decode already talks to this prefill: the abort goes out at once
+        prefill.scheduler.add_request(request("p-0", OTHER, {"do_remote_decode": True, ROOM: 24}))
+        run([prefill], lambda: "p-0" in prefill.outputs)
+        decode.scheduler.add_request(request("d-0", OTHER, prefill.outputs["p-0"].kv_transfer_params))
+        run([prefill, decode], lambda: "d-0" in decode.outputs and quiet(prefill, decode))
+    # else the abort waits for the handshake it started: prefill may hold the room already
+    pool = prefill.scheduler.kv_cache_manager.block_pool
+    prefill.scheduler.add_request(request("p-6", PROMPT, {"do_remote_decode": True, ROOM: 23}))
+    run([prefill], lambda: "p-6" in prefill.outputs)
+    assert pool.get_num_free_blocks() == 63 - 3  # held for decode
+    started = time.monotonic()
+    decode.scheduler.add_request(request("d-6", PROMPT, prefill.outputs["p-6"].kv_transfer_params))
+    decode.scheduler.finish_requests("d-6", RequestStatus.FINISHED_ABORTED)  # never scheduled
+    run([prefill, decode], lambda: quiet(prefill, decode))
+    assert time.monotonic() - started < SOON  # not the 10 s Bootstrapping deadline
+    failures = {k: v for s in prefill.stats for k, v in s["failures"].items()}
+    assert failures == {"RemoteFailureError": 1}, failures
+    assert_clean(prefill, decode, {"prefill": "p-6", "decode": "d-6"}, 23)
