@@ -313,7 +313,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout=args.timeout,
         trace=args.trace,
     )
-    web.run_app(build_app(proxy), host=args.host, port=args.port, print=None)
+    # a client that leaves cancels its handler (aiohttp >= 3.9 no longer does so by default): its
+    # decode request is closed at once, or, mid-prefill, handed to _release_later
+    web.run_app(build_app(proxy), host=args.host, port=args.port, print=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def test_a_client_that_disconnects_leaves_nothing_held(pd: PD, reference: Refere
     pd.wait_idle()  # the abandoned request's blocks and room are gone on both engines
     prompts = [prompt_ids(100, seed=3001)]
     (after,) = run(complete_all(url, prompts, TOKENS))
+    assert (after.status, after.error) == (200, "")
     assert after.tokens == reference.tokens(prompts, TOKENS)[0]
 
 
