@@ -187,3 +187,42 @@ def test_a_prefill_request_aborted_before_it_was_scheduled(pd: PD, reference: Re
     assert any("dst=Failed" in e and "ended without KV to send" in e for e in events), (
         "prefill must have ended the room because its request ended unscheduled"
     )
+
+
+def test_a_decode_request_aborted_before_it_was_scheduled(pd: PD, reference: Reference) -> None:
+    """Prefill's room waits for decode; decode's request is gone before decode scheduled it."""
+    room = 7_000_060
+    _addr(pd, reference)  # decode already greeted this prefill (a router's first answer did it)
+    status, data = _prefill(pd, A, room)
+    assert status == 200
+    params = data["kv_transfer_params"]
+    held = "vllm:kv_cache_usage_perc"
+    wait_for(lambda: (metric(pd.prefill.url, held) or 0.0) > 0.0, SOON, "prefill holding the room's blocks")
+    busy = [prompt_ids(900, seed=700 + i) for i in range(12)]
+
+    async def scenario() -> float:
+        body = {"model": "tiny", "max_tokens": 1, "temperature": 0.0}
+        load = [asyncio.ensure_future(_post(pd.decodes[0].url, {**body, "prompt": p})) for p in busy]
+        await asyncio.sleep(0.05)  # decode is busy prefilling them locally: ours waits in its queue
+        started = asyncio.Event()
+        ours = asyncio.ensure_future(
+            _stream_then_hold(pd.decodes[0].url, {**body, "prompt": A, "kv_transfer_params": params}, started)
+        )
+        await asyncio.wait_for(started.wait(), 60)  # on its way to decode's engine (see above)
+        await asyncio.sleep(0.1)
+        ours.cancel()
+        aborted = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await ours
+        while metric(pd.prefill.url, held) != 0.0 and time.monotonic() < aborted + 3 * SOON:
+            await asyncio.sleep(0.02)  # the load's answers keep coming meanwhile
+        took = time.monotonic() - aborted
+        await asyncio.gather(*load)
+        return took
+
+    took = run(scenario())
+    assert took < SOON, f"prefill held the room {took:.1f} s"
+    events = [line for line in pd.prefill.tail(4000).splitlines() if f"room={room} " in line]
+    assert any("dst=Failed" in e and "ended before its KV was received" in e for e in events), (
+        "prefill must have ended the room because decode's request ended unscheduled"
+    )
