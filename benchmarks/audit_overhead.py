@@ -2,9 +2,9 @@
 
 The lifecycle of ``fsm_overhead.py`` (create, every transition to Success,
 clear: six audit events) through a real ``RoomTable``, side by side in one
-run: with no observer; with :class:`~kvroom.audit.AuditObserver` rendering
+run: with no observer; with :class:`~kvroom.observe.audit.AuditObserver` rendering
 and writing each JSON line on the calling thread; and with that observer
-behind :class:`~kvroom.audit.BackgroundObserver`, which leaves the calling
+behind :class:`~kvroom.observe.audit.BackgroundObserver`, which leaves the calling
 thread only a queue append.  The cost that matters to a scheduler is the CPU
 time of its own thread (``time.thread_time``); the writer thread's CPU and the
 wall time until every line is on disk are reported next to it.  Prints a
@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from fsm_overhead import kvroom_lifecycle
 
-from kvroom.audit import AuditObserver, BackgroundObserver, json_lines_logger
 from kvroom.fsm import Role, RoomTable
+from kvroom.observe.audit import AuditObserver, BackgroundObserver, json_lines_logger
 
 
 def measure(fn: Callable[[int], None], n: int, rounds: int, after: Callable[[], None]) -> tuple[float, float]:

@@ -28,7 +28,7 @@ from fsm_overhead import kvroom_lifecycle
 
 from kvroom import KVManager, KVPool
 from kvroom.fsm import Event, RoomTable
-from kvroom.metrics import KVMetrics
+from kvroom.observe.metrics import KVMetrics
 
 
 def failed_lifecycle(table: RoomTable, room_id: int) -> None:

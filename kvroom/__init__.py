@@ -26,9 +26,9 @@ from kvroom.fingerprint import request_fingerprint
 from kvroom.fsm import Deadlines, Event, KVPoll, Role, RoomTable
 
 if TYPE_CHECKING:
-    from kvroom.audit import AuditObserver, json_lines_logger
     from kvroom.config import ManagerConfig
     from kvroom.manager import KVManager
+    from kvroom.observe.audit import AuditObserver, json_lines_logger
     from kvroom.planning import ModelLayout, RankLayout, RankRegions
     from kvroom.receiver import KVReceiver
     from kvroom.sender import KVSender
@@ -48,8 +48,8 @@ _LAZY = {
     "RankRegions": "kvroom.planning",
     "ManagerConfig": "kvroom.config",
     "CurveKeys": "kvroom.transport.auth",
-    "AuditObserver": "kvroom.audit",
-    "json_lines_logger": "kvroom.audit",
+    "AuditObserver": "kvroom.observe.audit",
+    "json_lines_logger": "kvroom.observe.audit",
 }
 
 

@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 
 def _diagrams(args: argparse.Namespace) -> int:
-    from kvroom.diagrams import DEFAULT_DIR, stale_diagrams, write_diagrams
+    from kvroom.observe.diagrams import DEFAULT_DIR, stale_diagrams, write_diagrams
 
     out = Path(args.out) if args.out else DEFAULT_DIR
     if args.check:
@@ -27,7 +27,7 @@ def _diagrams(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from kvroom.replay import main as audit_main
+    from kvroom.observe.replay import main as audit_main
 
     return audit_main(args.log, as_json=args.json)
 

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import zmq
 
-from kvroom.audit import AuditObserver, BackgroundObserver
 from kvroom.config import ManagerConfig
 from kvroom.errors import KVRoomError
 from kvroom.fsm import (
@@ -35,6 +34,8 @@ from kvroom.fsm import (
     TransitionRecord,
 )
 from kvroom.fsm.room import Room
+from kvroom.node.wake import WakeQueue
+from kvroom.observe.audit import AuditObserver, BackgroundObserver
 from kvroom.planning import RankRegions, from_kv_pool
 from kvroom.transport.auth import require_auth
 from kvroom.transport.control import parse_addresses
@@ -42,10 +43,9 @@ from kvroom.transport.layout import KVPool
 from kvroom.transport.nixl import NixlAgent, unique_agent_name
 from kvroom.transport.regions import Region
 from kvroom.transport.staging import StagingRing, StagingStore
-from kvroom.wake import WakeQueue
 
 if TYPE_CHECKING:
-    from kvroom.metrics import KVMetrics, MetricsObserver
+    from kvroom.observe.metrics import KVMetrics, MetricsObserver
 
 __all__ = ["KVManager"]
 
@@ -92,8 +92,8 @@ class KVManager:
     ``bootstrap_port`` (0 picks a free one; see :attr:`bootstrap_addr`).
     ``observer`` receives every transition; by default they go to structlog
     as audit events, rendered on a background writer thread
-    (:class:`~kvroom.audit.BackgroundObserver`; ``audit=False`` turns them off).
-    ``metrics``: a :class:`~kvroom.metrics.KVMetrics` to report to (Prometheus; off by default).
+    (:class:`~kvroom.observe.audit.BackgroundObserver`; ``audit=False`` turns them off).
+    ``metrics``: a :class:`~kvroom.observe.metrics.KVMetrics` to report to (Prometheus; off by default).
     """
 
     def __init__(
@@ -169,10 +169,10 @@ class KVManager:
 
     def _make_side(self, port: int) -> Any:
         if self.role is Role.SENDER:
-            from kvroom.prefill import PrefillSide
+            from kvroom.node.prefill import PrefillSide
 
             return PrefillSide(self, port)
-        from kvroom.decode import DecodeSide
+        from kvroom.node.decode import DecodeSide
 
         return DecodeSide(self)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvroom.decode import DecodeSide, ReceivePlan
 from kvroom.errors import RoomStateError
 from kvroom.fingerprint import check_fingerprint
 from kvroom.fsm import KVPoll, Role
 from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
-from kvroom.shares import state_rows
+from kvroom.node.decode import DecodeSide, ReceivePlan
+from kvroom.node.shares import state_rows
 from kvroom.transport.control import parse_addresses
 from kvroom.transport.descriptors import validate_pages
 

@@ -9,9 +9,9 @@ from kvroom.fingerprint import check_fingerprint
 from kvroom.fsm import Event, KVPoll, Role
 from kvroom.handle import RoomHandle
 from kvroom.manager import KVManager
-from kvroom.prefill import PrefillSide, SendPlan
+from kvroom.node.prefill import PrefillSide, SendPlan
+from kvroom.node.shares import state_rows
 from kvroom.protocol import Input
-from kvroom.shares import state_rows
 from kvroom.transport.descriptors import validate_pages
 
 __all__ = ["KVSender"]

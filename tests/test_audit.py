@@ -8,9 +8,9 @@ from pathlib import Path
 import structlog
 from structlog.testing import capture_logs
 
-from kvroom.audit import AuditObserver, json_lines_logger
 from kvroom.errors import PeerLostError
 from kvroom.fsm import Event, Role, RoomTable
+from kvroom.observe.audit import AuditObserver, json_lines_logger
 
 
 def test_one_event_per_transition_and_cleanup() -> None:
@@ -74,8 +74,8 @@ def test_json_lines_file(tmp_path: Path) -> None:
 
 
 def test_background_observer_keeps_creation_first_and_tolerates_old_observers() -> None:
-    from kvroom.audit import BackgroundObserver
     from kvroom.fsm import RecordingObserver
+    from kvroom.observe.audit import BackgroundObserver
 
     inner = RecordingObserver()
     background = BackgroundObserver(inner)

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvroom.observe.replay import main as audit_main
 from kvroom.presets import get_preset, preset_names
-from kvroom.replay import main as audit_main
 
 pytestmark = pytest.mark.slow
 

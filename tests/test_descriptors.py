@@ -8,7 +8,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvroom.prefill import Notif, notif_message, parse_notif
+from kvroom.node.prefill import Notif, notif_message, parse_notif
 from kvroom.transport.descriptors import page_runs, row_descriptors, run_descriptors, validate_pages
 
 

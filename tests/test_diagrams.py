@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvroom.cli import main
-from kvroom.diagrams import DEFAULT_DIR, render_mermaid, render_protocol, render_sequence
 from kvroom.fsm import Role
+from kvroom.observe.diagrams import DEFAULT_DIR, render_mermaid, render_protocol, render_sequence
 from kvroom.protocol import DECODE_TABLE, PREFILL_TABLE, Msg
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvroom import KVManager, KVPoll, KVPool, KVReceiver, KVSender, ManagerConfig
 from kvroom.fsm import Deadlines
-from kvroom.metrics import KVMetrics
+from kvroom.observe.metrics import KVMetrics
 from tests.test_api import wait
 
 FAST = ManagerConfig(heartbeat_interval=0.1, heartbeat_timeout=1.0, deadlines=Deadlines(5.0, 10.0, 5.0))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvroom.outbox import Batch, Outbox
+from kvroom.node.outbox import Batch, Outbox
+from kvroom.node.shares import ChunkWrite, deferred_writes, direct_writes
 from kvroom.planning import PairRoute, align_chunk, assign, for_source, route
-from kvroom.shares import ChunkWrite, deferred_writes, direct_writes
 from tests.test_planning import ITEMS_DST, ITEMS_SRC, bound, mha, ranks
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kvroom.audit import AuditObserver, json_lines_logger
 from kvroom.cli import main
 from kvroom.fsm import Event, Role, RoomTable
-from kvroom.replay import format_report, replay
+from kvroom.observe.audit import AuditObserver, json_lines_logger
+from kvroom.observe.replay import format_report, replay
 
 
 def write_log(path: Path) -> None:

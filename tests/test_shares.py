@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from kvroom.node.shares import decode_sources, state_rows
 from kvroom.planning import RankRegions, group_ranks, synthetic_pool
-from kvroom.shares import decode_sources, state_rows
 from kvroom.transport.codec import MAGIC, ProtocolError, decode, encode
 from kvroom.transport.notif import Notif, notif_message, parse_notif, parse_notifs
 from tests.families import _family

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvroom.demo.run import Demo, _options
-from kvroom.replay import main as audit_main
+from kvroom.observe.replay import main as audit_main
 
 SEED = 7
 

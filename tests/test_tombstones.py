@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvroom.tombstones import Tombstones
+from kvroom.node.tombstones import Tombstones
 
 
 def test_an_abort_buries_a_room_only_for_its_sender() -> None:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvroom import wake as wake_module
-from kvroom.wake import WakeQueue
+from kvroom.node import wake as wake_module
+from kvroom.node.wake import WakeQueue
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ import torch
 
 from kvroom.demo.buffers import DemoBuffers, make_buffers
 from kvroom.demo.workload import PageAllocator, RoomSpec
-from kvroom.wake import WakeQueue
+from kvroom.node.wake import WakeQueue
 
 __all__ = ["NodeOptions", "RoomResult", "prefill_main", "decode_main", "die_with_parent"]
 
@@ -108,7 +108,7 @@ class RoomResult:
 class _Wake:
     """The manager's observer: forwards to the audit observer and wakes the scheduler loop.
 
-    A room's state change queues its id on a :class:`~kvroom.wake.WakeQueue`
+    A room's state change queues its id on a :class:`~kvroom.node.wake.WakeQueue`
     the loop sleeps on (one wake-up byte while any is pending: each
     ``os.write`` on kvroom's worker lets go of the GIL).  Terminal transitions
     also keep their time.
@@ -225,7 +225,7 @@ def _node(role: str, conn: Connection, opts: NodeOptions) -> None:
         os.close(fd)
     audit = None
     if opts.audit_log:
-        from kvroom.audit import AuditObserver, BackgroundObserver, json_lines_logger
+        from kvroom.observe.audit import AuditObserver, BackgroundObserver, json_lines_logger
 
         audit = BackgroundObserver(  # rendered on a writer thread, off the scheduler's
             AuditObserver(
@@ -235,7 +235,7 @@ def _node(role: str, conn: Connection, opts: NodeOptions) -> None:
     wake = _Wake(audit)
     metrics = None
     if opts.metrics_interval is not None:
-        from kvroom.metrics import KVMetrics
+        from kvroom.observe.metrics import KVMetrics
 
         metrics = KVMetrics()
     try:

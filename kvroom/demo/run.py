@@ -428,7 +428,7 @@ class Demo:
                 problems.append(
                     f"{node.name}: exceptions escaped send()/poll(): {node.final['unexpected'][:2]}"
                 )
-        from kvroom.replay import replay
+        from kvroom.observe.replay import replay
 
         with open(self.audit_log) as f:
             lines = f.readlines()

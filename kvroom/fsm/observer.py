@@ -1,7 +1,7 @@
 """What the state machine reports: records handed to an observer.
 
 The core never logs; it calls an :class:`Observer`.  The structlog adapter in
-:mod:`kvroom.audit` turns these records into audit events.
+:mod:`kvroom.observe.audit` turns these records into audit events.
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def build_machine(role: Role, machine_cls: type[Machine] = Machine, **options: A
 
     States are the ``KVPoll`` members; events are ``Event`` values; guards and
     hooks are passed as callables (no string lookups on a model).
-    ``machine_cls`` and ``options`` let :mod:`kvroom.diagrams` build a
+    ``machine_cls`` and ``options`` let :mod:`kvroom.observe.diagrams` build a
     ``GraphMachine`` from the very same declaration.
     """
     states = [State(s.name, on_enter=[Hooks.enter_failed] if s is KVPoll.Failed else None) for s in KVPoll]

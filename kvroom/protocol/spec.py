@@ -102,7 +102,7 @@ MESSAGES: dict[Msg, tuple[str, str, str]] = {
     Msg.PONG: ("prefill", "decode", "heartbeat answer"),
     Msg.UNKNOWN: ("prefill", "decode", "this prefill declared you lost: fail what we shared, greet again"),
 }
-"""Every message: (sent by, received by, meaning).  Drawn by :mod:`kvroom.diagrams`."""
+"""Every message: (sent by, received by, meaning).  Drawn by :mod:`kvroom.observe.diagrams`."""
 
 
 class Input(str, enum.Enum):

@@ -34,7 +34,7 @@ from kvroom import KVManager, KVPoll, KVPool, KVReceiver, KVRoomError, KVSender,
 from kvroom.fsm import TransitionRecord
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata, RecvJob, SendJob
 from kvroom.integrations.vllm.stats import new_data
-from kvroom.metrics import room_bytes
+from kvroom.observe.metrics import room_bytes
 
 __all__ = ["RoomWorker", "Results"]
 

@@ -210,7 +210,7 @@ def test_the_audit_log_written_through_sglangs_logging_replays_clean(
     pair: tuple[Node, Node, str], audit_log: Path
 ) -> None:
     """Runs last in this module: every room above is terminal and cleared on both sides."""
-    from kvroom.replay import replay
+    from kvroom.observe.replay import replay
 
     prefill, decode, _ = pair
     assert prefill.call("live_rooms") == 0 and decode.call("live_rooms") == 0

@@ -6,7 +6,7 @@ WRITEs whole pages of its own layout into a reservation
 (:func:`~kvroom.planning.staging_rank`) and :meth:`DecodeStaging._scatter`
 copies this rank's heads into the room's pages.  Reservations live in the
 ``prefetch_requested`` store, so every way a room ends gives the space back.
-:class:`DecodeStaging` is the part of :class:`~kvroom.decode.DecodeSide`
+:class:`DecodeStaging` is the part of :class:`~kvroom.node.decode.DecodeSide`
 that does this.
 """
 
@@ -21,7 +21,7 @@ import torch
 from kvroom.errors import StagingExhaustedError
 from kvroom.fsm import Event, RoomStore
 from kvroom.fsm.room import Room
-from kvroom.shares import Source
+from kvroom.node.shares import Source
 from kvroom.transport.layout import range_overlap
 from kvroom.transport.notif import Notif
 from kvroom.transport.staging import (
@@ -34,14 +34,14 @@ from kvroom.transport.staging import (
 )
 
 if TYPE_CHECKING:
-    from kvroom.decode import ReceivePlan
     from kvroom.manager import KVManager
+    from kvroom.node.decode import ReceivePlan
 
 __all__ = ["DecodeStaging"]
 
 
 class DecodeStaging:
-    """Staging reservations and the scatter, for :class:`~kvroom.decode.DecodeSide`."""
+    """Staging reservations and the scatter, for :class:`~kvroom.node.decode.DecodeSide`."""
 
     m: KVManager
     plans: RoomStore[ReceivePlan]

@@ -1,10 +1,10 @@
 """Prefill's write path: chunks to planned WRITEs, the outbox, posting, completions and faults.
 
-:class:`PrefillWrites` is the part of :class:`~kvroom.prefill.PrefillSide`
+:class:`PrefillWrites` is the part of :class:`~kvroom.node.prefill.PrefillSide`
 that turns a ``send()`` chunk into WRITEs for every decode rank of the room
 (:func:`~kvroom.planning.align_chunk`, then the peer's cached route or the
-staging ring, :mod:`kvroom.shares`), queues them in the turn's
-:class:`~kvroom.outbox.Outbox`, posts each batch as one NIXL transfer
+staging ring, :mod:`kvroom.node.shares`), queues them in the turn's
+:class:`~kvroom.node.outbox.Outbox`, posts each batch as one NIXL transfer
 (:meth:`PrefillWrites.flush`), and turns DONE into ``COMPLETE`` and NIXL
 faults into protocol inputs.  Only the worker thread runs it.
 """
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 from kvroom.errors import PeerLostError
 from kvroom.fsm import Event, KVPoll, RoomStore
 from kvroom.fsm.room import Room
-from kvroom.outbox import Batch, Outbox
+from kvroom.node.outbox import Batch, Outbox
+from kvroom.node.shares import ChunkWrite, DeferredWrite, deferred_writes, direct_writes, staged_writes
 from kvroom.planning import align_chunk
 from kvroom.protocol import Input
 from kvroom.protocol.verdicts import Verdicts
-from kvroom.shares import ChunkWrite, DeferredWrite, deferred_writes, direct_writes, staged_writes
 from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify, for_room
 from kvroom.transport.nixl import Transfer
@@ -29,14 +29,14 @@ from kvroom.transport.notif import notif_message
 
 if TYPE_CHECKING:
     from kvroom.manager import KVManager
-    from kvroom.prefill import DecodePeer, SendPlan, TransferInfo
+    from kvroom.node.prefill import DecodePeer, SendPlan, TransferInfo
     from kvroom.protocol import PrefillVerdict
 
 __all__ = ["PrefillWrites"]
 
 
 class PrefillWrites:
-    """The write path, for :class:`~kvroom.prefill.PrefillSide`."""
+    """The write path, for :class:`~kvroom.node.prefill.PrefillSide`."""
 
     m: KVManager
     send_plans: RoomStore[SendPlan]

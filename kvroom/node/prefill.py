@@ -11,7 +11,7 @@ Three things deliberately outlive a room, each bounded:
   handle is polled until DONE (or the peer is lost) and released, and only then
   is the decode side told ``failed``: decode frees its pages on that word.
 * tombstones of failed rooms, so late transfer info for them is answered at once
-  (:mod:`kvroom.tombstones`; an abort's tombstone holds only for its sender).
+  (:mod:`kvroom.node.tombstones`; an abort's tombstone holds only for its sender).
 
 Who may act on a room (the decode *principal*: its authenticated CURVE key
 with ``ManagerConfig.keys``, else its agent name): a room is bound to the
@@ -28,10 +28,10 @@ A room is bound to every decode rank (``infos_needed`` of them: decode's TP
 x PP size, or the sender's ``required_dst_info_num``).  What this rank writes
 into each decode rank is the planner's (:mod:`kvroom.planning`): a route bound
 once per decode peer at the handshake, then :func:`~kvroom.planning.align_chunk`
-and the route's plan per chunk (:mod:`kvroom.shares`); a rank the assignment
+and the route's plan per chunk (:mod:`kvroom.node.shares`); a rank the assignment
 gives nothing only sends the bare end of its share.  That write path (chunks,
 the outbox, posting, completions, NIXL faults) is
-:class:`~kvroom.prefill_writes.PrefillWrites`; this module keeps peers, room
+:class:`~kvroom.node.prefill_writes.PrefillWrites`; this module keeps peers, room
 messages and verdicts.  Its verdict follows
 :mod:`kvroom.protocol`: prefill rank 0 (TP rank 0 of PP stage 0: the coordinator) reaches Success once
 its WRITEs completed and every decode rank voted READY, and tells them COMMIT;
@@ -58,12 +58,12 @@ from kvroom.errors import (
 )
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
-from kvroom.outbox import Outbox
+from kvroom.node.outbox import Outbox
+from kvroom.node.prefill_writes import PrefillWrites
+from kvroom.node.tombstones import Tombstones
 from kvroom.planning import PairRoute, RankRegions, route, stage_entries
-from kvroom.prefill_writes import PrefillWrites
 from kvroom.protocol import Input, Outcome, PrefillVerdict
 from kvroom.protocol.verdicts import Verdicts, fire_actions
-from kvroom.tombstones import Tombstones
 from kvroom.transport.auth import ServerAuth
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlServer

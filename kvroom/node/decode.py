@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from kvroom.decode_staging import DecodeStaging
 from kvroom.errors import (
     IncompatiblePeerError,
     PeerLostError,
@@ -32,10 +31,11 @@ from kvroom.errors import (
 )
 from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
+from kvroom.node.decode_staging import DecodeStaging
+from kvroom.node.shares import Source, decode_sources, kv_heads
 from kvroom.planning import RankLayout
 from kvroom.protocol import DecodeVerdict, Input, Msg, Outcome
 from kvroom.protocol.verdicts import Verdicts, fire_actions
-from kvroom.shares import Source, decode_sources, kv_heads
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlClient
 from kvroom.transport.descriptors import IntArray

@@ -35,8 +35,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kvroom.node.shares import ChunkWrite, DeferredWrite
 from kvroom.planning import ChunkIndices, PairRoute, join_indices
-from kvroom.shares import ChunkWrite, DeferredWrite
 from kvroom.transport.descriptors import DescArray
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_BATCH_ROWS", "MAX_BATCH_WRITES", "Batch", "Entry", "Outbox"]

@@ -33,7 +33,7 @@ __all__ = [
     "stale_diagrams",
 ]
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "diagrams"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "diagrams"
 
 
 def _graph(role: Role, engine: str) -> object:

@@ -1,0 +1,1 @@
+"""Node machinery: one process's prefill and decode sides, below the API."""

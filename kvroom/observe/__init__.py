@@ -1,0 +1,1 @@
+"""Observers: audit events, Prometheus metrics, audit replay and diagrams; below the API."""
