@@ -34,6 +34,7 @@ from kvroom.fsm import (
     TransitionRecord,
 )
 from kvroom.fsm.room import Room
+from kvroom.node.host import StallWatch
 from kvroom.node.wake import WakeQueue
 from kvroom.observe.audit import AuditObserver, BackgroundObserver
 from kvroom.planning import RankRegions, from_kv_pool
@@ -47,36 +48,11 @@ from kvroom.transport.staging import StagingRing, StagingStore
 if TYPE_CHECKING:
     from kvroom.observe.metrics import KVMetrics, MetricsObserver
 
-__all__ = ["KVManager"]
+__all__ = ["KVManager", "StallWatch"]
 
 Command = Callable[[], None]
 COMMAND_BUDGET = 0.02
 """Seconds of queued commands (posting chunks) the worker runs per loop turn."""
-
-
-class StallWatch:
-    """Measures the worker loop's own pauses (SIGSTOP, a long GC, a starved core).
-
-    The loop ticks every few milliseconds; a gap between two ticks longer than
-    ``interval`` is a pause of this process, and the sides must not count it as
-    their peers' silence.  ``pause`` is the pause measured at the latest tick
-    (0.0 when there was none).
-    """
-
-    def __init__(self, interval: float, now: float) -> None:
-        self.interval = interval
-        self.last = now
-        self.pause = 0.0
-        self.pauses = 0
-
-    def tick(self, now: float) -> float:
-        """Record a loop iteration at ``now``; returns the pause before it (0.0 if none)."""
-        gap = now - self.last
-        self.last = now
-        self.pause = gap if gap > self.interval else 0.0
-        if self.pause:
-            self.pauses += 1
-        return self.pause
 
 
 class KVManager:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from kvroom.fsm.spec import KVPoll, Role
+from kvroom.fsm.states import KVPoll, Role
 
 __all__ = ["Room", "RoomOwner"]
 

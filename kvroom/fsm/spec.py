@@ -51,6 +51,8 @@ from typing import TYPE_CHECKING, Any
 
 from transitions import Machine, State
 
+from kvroom.fsm.states import KVPoll, Role
+
 if TYPE_CHECKING:
     from kvroom.fsm.room import Room
 
@@ -69,25 +71,8 @@ __all__ = [
 ]
 
 
-class KVPoll(enum.IntEnum):
-    """Room states; values and order match SGLang's ``KVPoll``."""
-
-    Failed = 0
-    Bootstrapping = 1
-    WaitingForInput = 2
-    Transferring = 3
-    Success = 4
-
-
 TERMINAL = frozenset({KVPoll.Failed, KVPoll.Success})
 NON_TERMINAL = (KVPoll.Bootstrapping, KVPoll.WaitingForInput, KVPoll.Transferring)
-
-
-class Role(str, enum.Enum):
-    """Which side of the transfer a room belongs to."""
-
-    SENDER = "sender"  # prefill
-    RECEIVER = "receiver"  # decode
 
 
 class Event(str, enum.Enum):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -38,49 +37,23 @@ from kvroom.protocol import DecodeVerdict, Input, Msg, Outcome
 from kvroom.protocol.verdicts import Verdicts, fire_actions
 from kvroom.transport.codec import Message
 from kvroom.transport.control import ControlClient
-from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import bounded, classify, for_room
 from kvroom.transport.layout import range_overlap
 from kvroom.transport.notif import Notif, parse_notifs
 from kvroom.transport.staging import Reservation, StagingStore, chunk_count
 
 if TYPE_CHECKING:
-    from kvroom.manager import KVManager
+    from kvroom.node.host import NodeHost
+
+from kvroom.node.decode_state import PrefillPeer, ReceivePlan
 
 __all__ = ["DecodeSide", "ReceivePlan"]
-
-
-@dataclass
-class PrefillPeer:
-    """One prefill bootstrap address this decode talks to."""
-
-    address: str
-    client: ControlClient
-    last_heard: float
-    last_ping: float = 0.0
-    agent: str | None = None  # set by welcome
-    layout: RankLayout | None = None  # set by welcome
-    queued: list[int] = field(default_factory=list)  # rooms waiting for the handshake
-    aborts: list[tuple[int, str]] = field(default_factory=list)  # (room, reason) said after it
-
-
-@dataclass
-class ReceivePlan:
-    """What this room asked for: its pages, aux slot, prefix and state rows; per-rank progress."""
-
-    pages: IntArray
-    aux_index: int | None
-    prefix_pages: int
-    state: dict[str, IntArray] = field(default_factory=dict)  # rows per state index space
-    fingerprint: str | None = None  # the request this room is for (kvroom.request_fingerprint)
-    sources: dict[str, Source] = field(default_factory=dict)  # filled when the page list is sent
-    sent: bool = False
 
 
 class DecodeSide(DecodeStaging):
     """Everything the decode manager's worker does."""
 
-    def __init__(self, manager: KVManager) -> None:
+    def __init__(self, manager: NodeHost) -> None:
         self.m = manager
         table = manager.table
         self.plans: RoomStore[ReceivePlan] = table.register_store(RoomStore("receive_plans"))

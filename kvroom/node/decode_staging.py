@@ -34,8 +34,8 @@ from kvroom.transport.staging import (
 )
 
 if TYPE_CHECKING:
-    from kvroom.manager import KVManager
-    from kvroom.node.decode import ReceivePlan
+    from kvroom.node.decode_state import ReceivePlan
+    from kvroom.node.host import NodeHost
 
 __all__ = ["DecodeStaging"]
 
@@ -43,7 +43,7 @@ __all__ = ["DecodeStaging"]
 class DecodeStaging:
     """Staging reservations and the scatter, for :class:`~kvroom.node.decode.DecodeSide`."""
 
-    m: KVManager
+    m: NodeHost
     plans: RoomStore[ReceivePlan]
     staging: StagingStore
     prefetched: RoomStore[int]

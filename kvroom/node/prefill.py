@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import collections
 import threading
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,7 +60,7 @@ from kvroom.fsm.room import Room
 from kvroom.node.outbox import Outbox
 from kvroom.node.prefill_writes import PrefillWrites
 from kvroom.node.tombstones import Tombstones
-from kvroom.planning import PairRoute, RankRegions, route, stage_entries
+from kvroom.planning import RankRegions, route, stage_entries
 from kvroom.protocol import Input, Outcome, PrefillVerdict
 from kvroom.protocol.verdicts import Verdicts, fire_actions
 from kvroom.transport.auth import ServerAuth
@@ -74,67 +73,17 @@ from kvroom.transport.notif import Notif, notif_message, parse_notif
 from kvroom.transport.staging import chunk_pages
 
 if TYPE_CHECKING:
-    from kvroom.manager import KVManager
+    from kvroom.node.host import NodeHost
+
+from kvroom.node.prefill_state import DecodePeer, SendPlan, TransferInfo
 
 __all__ = ["Notif", "PrefillSide", "SendPlan", "TransferInfo", "notif_message", "parse_notif"]
-
-
-@dataclass
-class DecodePeer:
-    """A decode process that completed the handshake."""
-
-    identity: bytes
-    agent: str
-    principal: str  # who it is: its authenticated CURVE key (z85), or its agent name without keys
-    rank: RankRegions  # its layout and regions
-    route: PairRoute  # what this rank writes into it (empty: it only takes part in the verdict)
-    staging: tuple[int, int]  # its staging ring: (base address, bytes)
-    last_seen: float
-
-    @property
-    def ranks(self) -> int:
-        """How many ranks its side runs (TP x PP): the decode ranks a room waits for."""
-        return self.rank.layout.tp_size * self.rank.layout.pp_size
-
-
-@dataclass(frozen=True)
-class TransferInfo:
-    """Where one decode rank wants a room's pages.
-
-    ``pages``: its pages after the ``prefix_pages`` it already holds (empty
-    for a rank we write nothing into: it only watches the room).
-    ``staging``: the ring offset of each ``chunk_pages`` chunk, when decode
-    wants our pages staged rather than written in place.  ``state``: its
-    rows per state index space (mamba rows, sliding-window pages).
-    """
-
-    peer: str
-    pages: IntArray
-    aux_index: int | None
-    prefix_pages: int
-    staging: tuple[int, ...] | None
-    chunk_pages: int
-    state: dict[str, IntArray]
-    writes: bool  # the assignment gives us something to write into it
-    fingerprint: str | None = None  # the request decode expects (kvroom.request_fingerprint)
-
-
-@dataclass
-class SendPlan:
-    """What the scheduler promised in ``init()`` and how far ``send()`` got."""
-
-    num_pages: int
-    aux_index: int | None
-    state: dict[str, IntArray] | None = None  # rows per state index space, sent with the last chunk
-    sent_pages: int = 0
-    seqs: dict[str, int] = field(default_factory=dict)  # next notification number per decode agent
-    bytes_posted: int = 0  # what the room's WRITE descriptors moved so far (metrics)
 
 
 class PrefillSide(PrefillWrites):
     """Everything the prefill manager's worker does."""
 
-    def __init__(self, manager: KVManager, port: int) -> None:
+    def __init__(self, manager: NodeHost, port: int) -> None:
         self.m = manager
         cfg = manager.config
         self.auth = ServerAuth(manager._ctx, cfg.keys) if cfg.keys is not None else None

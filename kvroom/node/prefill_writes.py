@@ -28,8 +28,8 @@ from kvroom.transport.nixl import Transfer
 from kvroom.transport.notif import notif_message
 
 if TYPE_CHECKING:
-    from kvroom.manager import KVManager
-    from kvroom.node.prefill import DecodePeer, SendPlan, TransferInfo
+    from kvroom.node.host import NodeHost
+    from kvroom.node.prefill_state import DecodePeer, SendPlan, TransferInfo
     from kvroom.protocol import PrefillVerdict
 
 __all__ = ["PrefillWrites"]
@@ -38,7 +38,7 @@ __all__ = ["PrefillWrites"]
 class PrefillWrites:
     """The write path, for :class:`~kvroom.node.prefill.PrefillSide`."""
 
-    m: KVManager
+    m: NodeHost
     send_plans: RoomStore[SendPlan]
     handles: RoomStore[list[Transfer]]
     verdicts: Verdicts[PrefillVerdict]

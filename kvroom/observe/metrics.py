@@ -34,20 +34,47 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from kvroom.fsm import TERMINAL, CleanupRecord, CreatedRecord, IgnoredRecord, KVPoll, Role, TransitionRecord
+from kvroom.fsm import (
+    TERMINAL,
+    CleanupRecord,
+    CreatedRecord,
+    IgnoredRecord,
+    KVPoll,
+    Role,
+    RoomTable,
+    TransitionRecord,
+)
 
 if TYPE_CHECKING:
-    from kvroom.manager import KVManager
+    from kvroom.planning import RankRegions
+
 
 __all__ = ["KVMetrics", "MetricsObserver", "LATENCY_BUCKETS", "room_bytes"]
 
+
 #: Seconds; from sub-millisecond rooms to the default deadlines.
+class Observed(Protocol):
+    """What the metrics read of a manager (it never imports :mod:`kvroom.manager`)."""
+
+    @property
+    def role(self) -> Role: ...
+
+    @property
+    def regions(self) -> RankRegions: ...
+
+    @property
+    def table(self) -> RoomTable: ...
+
+    @property
+    def side(self) -> Any: ...
+
+
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
@@ -104,12 +131,12 @@ class KVMetrics:
         self._live = _LiveCollector(ns)
         reg.register(self._live)
 
-    def observer(self, manager: KVManager) -> MetricsObserver:
+    def observer(self, manager: Observed) -> MetricsObserver:
         """A :class:`MetricsObserver` for ``manager``, whose live rooms and peers join the gauges."""
         self._live.managers.add(manager)
         return MetricsObserver(self, manager)
 
-    def detach(self, manager: KVManager) -> None:
+    def detach(self, manager: Observed) -> None:
         """Stop reporting ``manager``'s live rooms and peers (it closed)."""
         self._live.managers.discard(manager)
 
@@ -127,7 +154,7 @@ class _LiveCollector:
 
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
-        self.managers: weakref.WeakSet[KVManager] = weakref.WeakSet()
+        self.managers: weakref.WeakSet[Observed] = weakref.WeakSet()
 
     def collect(self) -> Iterator[Metric]:
         rooms = GaugeMetricFamily(f"{self.namespace}_rooms", "Live rooms by state", labels=["role", "state"])
@@ -150,7 +177,7 @@ class _LiveCollector:
         yield peers
 
 
-def _peer_count(manager: KVManager) -> int:
+def _peer_count(manager: Observed) -> int:
     side = getattr(manager, "side", None)
     for _ in range(3):  # the worker may change its peer tables while we read them
         try:
@@ -160,7 +187,7 @@ def _peer_count(manager: KVManager) -> int:
     return 0
 
 
-def room_bytes(manager: KVManager, room_id: int) -> int:
+def room_bytes(manager: Observed, room_id: int) -> int:
     """Bytes of KV (and aux) a live room moves: what prefill writes or decode receives.
 
     Prefill: the bytes of the WRITE descriptors it posted for the room (pages,
@@ -195,7 +222,7 @@ class MetricsObserver:
     does a few dict lookups and counter increments per record.
     """
 
-    def __init__(self, metrics: KVMetrics, manager: KVManager) -> None:
+    def __init__(self, metrics: KVMetrics, manager: Observed) -> None:
         self.metrics = metrics
         self.manager = manager
         self.role = manager.role
