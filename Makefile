@@ -21,6 +21,7 @@ test: $(STAMP)
 	$(BIN)/ruff check kvroom tests benchmarks examples
 	$(BIN)/ruff format --check kvroom tests benchmarks examples
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # the core suite beside two CPU-burning processes (this machine has 2 cores): timing slack is
@@ -76,6 +77,7 @@ demo-vllm: $(VCPU_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check kvroom tests benchmarks examples && $(BIN)/ruff format --check kvroom tests benchmarks examples
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

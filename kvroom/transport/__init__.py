@@ -1,0 +1,1 @@
+"""Transport: NIXL agent, ZMQ control sockets, codec, CURVE auth, descriptors and staging."""
