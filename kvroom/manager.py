@@ -120,13 +120,13 @@ class KVManager:
         self._fatal: BaseException | None = None
         if self.role is Role.SENDER:
             require_auth(self.config.host, self.config.keys, self.config.allow_unauthenticated, self.log)
-        self._ctx: zmq.Context[Any] = zmq.Context()
+        self.zmq_context: zmq.Context[Any] = zmq.Context()  # the sides open their sockets on it
         self.agent = NixlAgent(self.agent_name, self._registered_regions(), self.config.backends)
         try:
             self.side = self._make_side(bootstrap_port)
         except BaseException:
             self.agent.close()
-            self._ctx.term()
+            self.zmq_context.term()
             raise
         self.bootstrap_addr: str = getattr(self.side, "address", "")
         # the one thread that owns the NIXL agent and the sockets
@@ -263,7 +263,7 @@ class KVManager:
         if self._metrics is not None:
             self._metrics.close()
         self.agent.close()
-        self._ctx.term()
+        self.zmq_context.term()
         self._commands.close()
 
     def __enter__(self) -> KVManager:

@@ -178,7 +178,8 @@ class DecodeSide(DecodeStaging):
             return peer
         now = self.m.clock()
         try:
-            client = ControlClient(self.m._ctx, address, self.m.config.max_message_bytes, self.m.config.keys)
+            cfg = self.m.config
+            client = ControlClient(self.m.zmq_context, address, cfg.max_message_bytes, cfg.keys)
         except (ValueError, zmq.ZMQError) as exc:
             self.m.table.fire(
                 room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address {address}: {exc}")

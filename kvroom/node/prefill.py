@@ -86,9 +86,9 @@ class PrefillSide(PrefillWrites):
     def __init__(self, manager: NodeHost, port: int) -> None:
         self.m = manager
         cfg = manager.config
-        self.auth = ServerAuth(manager._ctx, cfg.keys) if cfg.keys is not None else None
+        self.auth = ServerAuth(manager.zmq_context, cfg.keys) if cfg.keys is not None else None
         try:
-            self.server = ControlServer(manager._ctx, cfg.host, port, cfg.max_message_bytes, self.auth)
+            self.server = ControlServer(manager.zmq_context, cfg.host, port, cfg.max_message_bytes, self.auth)
         except BaseException:
             if self.auth is not None:
                 self.auth.close()
