@@ -36,7 +36,7 @@ import structlog
 
 from kvroom.fingerprint import request_fingerprint
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata, RecvJob, SendJob
-from kvroom.integrations.vllm.params import decode_params, remote_decode_room, remote_prefill
+from kvroom.integrations.vllm.params import RemotePrefill, decode_params, remote_decode_room, remote_prefill
 
 __all__ = ["RoomScheduler"]
 
@@ -100,7 +100,7 @@ class RoomScheduler:
             return
         params["do_remote_prefill"] = False  # acted on: a retry or recompute prefills locally
         if num_external_tokens <= 0:  # nothing to receive: prefill's room need not wait for us
-            self.jobs.recvs.append(RecvJob(request.request_id, remote.room, remote.bootstrap_addr, (), 0))
+            self._forgo(request.request_id, remote)
             return
         prompt = len(request.prompt_token_ids or ())
         prefix_pages = (prompt - num_external_tokens) // self.block_size
@@ -118,11 +118,15 @@ class RoomScheduler:
         """Prefill: hold the blocks and send them; decode: abort an open room."""
         req_id = request.request_id
         if not self.producer:
-            if req_id in self.receiving and req_id not in self.cancelling:
-                self.cancelling.add(req_id)
-                self.jobs.cancels.append(req_id)
-            elif req_id not in self.receiving:
-                self._forgo(request)
+            if req_id in self.receiving:
+                if req_id not in self.cancelling:
+                    self.cancelling.add(req_id)
+                    self.jobs.cancels.append(req_id)
+            else:  # ended before its receive opened (aborted while it waited to be scheduled)
+                remote = remote_prefill(request.kv_transfer_params)
+                if remote is not None:  # not acted on yet
+                    request.kv_transfer_params["do_remote_prefill"] = False
+                    self._forgo(req_id, remote)
             return False, None  # vLLM itself keeps a receiving request's blocks until it reports
         room = remote_decode_room(request.kv_transfer_params)
         if room is None:
@@ -140,16 +144,13 @@ class RoomScheduler:
         self.jobs.sends.append(SendJob(req_id, room, tuple(block_ids[:needed]), _fingerprint(request)))
         return True, decode_params(room, self.bootstrap_addr)
 
-    def _forgo(self, request: Any) -> None:
-        """Decode: a request that ends before its receive opened (aborted while waiting, say).
+    def _forgo(self, req_id: str, remote: RemotePrefill) -> None:
+        """Decode: ``req_id`` will never receive room ``remote.room``; have the workers abort it.
 
         Prefill may hold the room already (its request came first); an abort from us
         fails it there at once instead of at its Bootstrapping deadline.
         """
-        remote = remote_prefill(request.kv_transfer_params)
-        if remote is not None:  # not acted on: no receive was ever opened for it
-            request.kv_transfer_params["do_remote_prefill"] = False
-            self.jobs.recvs.append(RecvJob(request.request_id, remote.room, remote.bootstrap_addr, (), 0))
+        self.jobs.recvs.append(RecvJob(req_id, remote.room, remote.bootstrap_addr, (), 0))
 
     def build_meta(self) -> KVRoomMetadata:
         """This step's jobs for the workers (the scheduler forgets them)."""
