@@ -15,55 +15,26 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvroom.errors import PeerLostError
-from kvroom.fsm import Event, KVPoll, RoomStore
+from kvroom.fsm import Event
 from kvroom.fsm.room import Room
-from kvroom.node.outbox import Batch, Outbox
+from kvroom.node.outbox import Batch
+from kvroom.node.prefill_verdicts import PrefillVerdicts
 from kvroom.node.shares import ChunkWrite, DeferredWrite, deferred_writes, direct_writes, staged_writes
 from kvroom.planning import align_chunk
 from kvroom.protocol import Input
-from kvroom.protocol.verdicts import Verdicts
 from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify, for_room
 from kvroom.transport.nixl import Transfer
 from kvroom.transport.notif import notif_message
 
 if TYPE_CHECKING:
-    from kvroom.node.host import NodeHost
     from kvroom.node.prefill_state import DecodePeer, SendPlan, TransferInfo
-    from kvroom.protocol import PrefillVerdict
 
 __all__ = ["PrefillWrites"]
 
 
-class PrefillWrites:
+class PrefillWrites(PrefillVerdicts):
     """The write path, for :class:`~kvroom.node.prefill.PrefillSide`."""
-
-    m: NodeHost
-    send_plans: RoomStore[SendPlan]
-    handles: RoomStore[list[Transfer]]
-    verdicts: Verdicts[PrefillVerdict]
-    by_agent: dict[str, DecodePeer]
-    outbox: Outbox
-    active: list[Transfer]
-    draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]]
-
-    if TYPE_CHECKING:  # PrefillSide's
-
-        def react(
-            self,
-            room: Room,
-            inp: Input,
-            rank: str | None = None,
-            *,
-            reason: str = "",
-            error: BaseException | None = None,
-            ranks_left: int = 1,
-            state: KVPoll | None = None,
-        ) -> None: ...
-
-        def peer_lost(self, peer: DecodePeer, error: PeerLostError, now: float) -> None: ...
-
-        def _notify_failed(self, agent: str, room_id: int, reason: str) -> None: ...
 
     def post_chunk(self, room: Room, src: IntArray, offset: int, last: bool) -> None:
         """Worker: WRITE one chunk of ``room`` (pages ``offset..`` of the request) to every rank."""
