@@ -12,12 +12,20 @@ its pages, so the scheduler can reuse them at once, and it reaches Success only
 on the coordinator's COMMIT (prefill rank 0), after voting READY once every
 byte is in place.  Which input does what in which phase is the table of
 :mod:`kvroom.protocol.spec`; :meth:`DecodeSide.react` carries it out.
+
+:class:`DecodeSide` is the worker's view of decode: one loop turn
+(:meth:`DecodeSide.step`: messages, NIXL notifications, heartbeats, rooms
+waiting for staging space), the deadlines, the handshake's answers and losing
+a peer.  Its parts, each a module:
+
+* :mod:`kvroom.node.decode_rooms`: page lists out, arrivals in;
+* :mod:`kvroom.node.decode_staging`: the staging ring's reservations, prefetch, the scatter;
+* :mod:`kvroom.node.decode_verdicts`: the state they share and the protocol verdict.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -28,19 +36,16 @@ from kvroom.errors import (
     ProtocolError,
     RemoteFailureError,
 )
-from kvroom.fsm import Event, KVPoll, RoomStore, TransitionRecord
-from kvroom.fsm.room import Room
-from kvroom.node.decode_staging import DecodeStaging
-from kvroom.node.shares import Source, decode_sources, kv_heads
+from kvroom.fsm import RoomStore
+from kvroom.node.decode_rooms import DecodeRooms
+from kvroom.node.shares import kv_heads
 from kvroom.planning import RankLayout
-from kvroom.protocol import DecodeVerdict, Input, Msg, Outcome
-from kvroom.protocol.verdicts import Verdicts, fire_actions
+from kvroom.protocol import DecodeVerdict, Input, Msg
+from kvroom.protocol.verdicts import Verdicts
 from kvroom.transport.codec import Message
-from kvroom.transport.control import ControlClient
 from kvroom.transport.faults import bounded, classify, for_room
 from kvroom.transport.layout import range_overlap
-from kvroom.transport.notif import Notif, parse_notifs
-from kvroom.transport.staging import Reservation, StagingStore, chunk_count
+from kvroom.transport.staging import StagingStore
 
 if TYPE_CHECKING:
     from kvroom.node.host import NodeHost
@@ -50,29 +55,27 @@ from kvroom.node.decode_state import PrefillPeer, ReceivePlan
 __all__ = ["DecodeSide", "ReceivePlan"]
 
 
-class DecodeSide(DecodeStaging):
+class DecodeSide(DecodeRooms):
     """Everything the decode manager's worker does."""
 
     def __init__(self, manager: NodeHost) -> None:
         self.m = manager
         table = manager.table
-        self.plans: RoomStore[ReceivePlan] = table.register_store(RoomStore("receive_plans"))
-        self.verdicts: Verdicts[DecodeVerdict] = table.register_store(
-            Verdicts(lambda room: DecodeVerdict(room.id, room.peers))
-        )
+        self.plans = table.register_store(RoomStore("receive_plans"))
+        self.verdicts = table.register_store(Verdicts(lambda room: DecodeVerdict(room.id, room.peers)))
         # rooms failing once their sources confirm: since when (bounded by 2 x heartbeat timeout)
-        self.failing_since: RoomStore[float] = table.register_store(RoomStore("failing_since"))
+        self.failing_since = table.register_store(RoomStore("failing_since"))
         assert isinstance(table.prefetch_requested, StagingStore) and table.prefetched_rooms is not None
-        self.staging: StagingStore = table.prefetch_requested
-        self.prefetched: RoomStore[int] = table.prefetched_rooms
+        self.staging = table.prefetch_requested
+        self.prefetched = table.prefetched_rooms
         self.ring = self.staging.ring
-        self.peers: dict[str, PrefillPeer] = {}
-        self.by_agent: dict[str, PrefillPeer] = {}
-        self._registered: set[Any] = set()
-        self._shares: dict[tuple[str, ...], list[Source]] = {}  # the assignment per set of peers
-        self.waiting_staging: list[Room] = []  # rooms whose page list waits for ring space
+        self.peers = {}
+        self.by_agent = {}
+        self._registered = set()
+        self._shares = {}
+        self.waiting_staging = []  # rooms whose page list waits for ring space
         # staging reserved for rooms not created yet: room id -> (reservations, pages, expiry)
-        self._early: dict[int, tuple[dict[tuple[Hashable, ...], Reservation], int, float]] = {}
+        self._early = {}
         self._early_lock = threading.Lock()
         tensors = manager.tensors
         self._views = [tensors.page_view(i) for i in range(tensors.layout.layers)] if tensors else []
@@ -166,171 +169,6 @@ class DecodeSide(DecodeStaging):
             peer.client.close()
         self.peers.clear()
 
-    def on_transition(self, record: TransitionRecord) -> None:
-        """Observer hook: nothing to do on decode."""
-
-    # -- commands from receivers --------------------------------------------------
-
-    def _peer(self, room: Room, address: str) -> PrefillPeer | None:
-        """The peer at ``address``, connecting and greeting it if new."""
-        peer = self.peers.get(address)
-        if peer is not None:
-            return peer
-        now = self.m.clock()
-        try:
-            cfg = self.m.config
-            client = ControlClient(self.m.zmq_context, address, cfg.max_message_bytes, cfg.keys)
-        except (ValueError, zmq.ZMQError) as exc:
-            self.m.table.fire(
-                room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address {address}: {exc}")
-            )
-            return None
-        peer = PrefillPeer(address, client, last_heard=now)
-        self.peers[address] = peer
-        tensors = self.m.tensors
-        fields = {
-            "agent": self.m.agent_name,
-            "rank": self.m.regions.to_dict(),
-            "staging_base": tensors.regions.staging_base if tensors is not None else 0,
-            "staging_bytes": tensors.regions.staging_bytes if tensors is not None else 0,
-        }
-        client.send("hello", fields, self.m.agent.metadata())
-        return peer
-
-    def connect(self, room: Room) -> None:
-        """Worker: make sure every prefill rank of the room exists and was greeted."""
-        for address in room.peers:
-            if not room.live or self._peer(room, address) is None:
-                return
-
-    def send_room(self, room: Room) -> None:
-        """Worker: send the room's page list to every prefill rank once all are ready."""
-        plan = self.plans.get(room.id)
-        if not room.live or plan is None or plan.sent or self.verdicts.of(room) is None:
-            return
-        peers = []
-        for address in room.peers:
-            peer = self._peer(room, address)
-            if peer is None:
-                return
-            if peer.agent is None:
-                if room.id not in peer.queued:
-                    peer.queued.append(room.id)
-                return
-            peers.append(peer)
-        sources = self._sources(room, peers)
-        if sources is None or not self._reserve(room, plan, sources):
-            return
-        npages = int(plan.pages.size)
-        size = self.m.config.staging_chunk_pages
-        for peer in peers:
-            src = sources[peer.address]
-            staging = None
-            if src.staged and npages:
-                chunks = range(chunk_count(npages, size))
-                staging = [self._reservation(room, c, peer.address).offset for c in chunks]
-            writes = src.writes
-            state = {k: v.tolist() for k, v in plan.state.items()} if writes and plan.state else None
-            fields = {
-                "room": room.id,
-                "aux_index": plan.aux_index if writes else None,
-                "prefix_pages": plan.prefix_pages,
-                "npages": npages if writes else 0,
-                "staging": staging,
-                "chunk_pages": size,
-                "state": state,
-                "fingerprint": plan.fingerprint,
-            }
-            peer.client.send("room", fields, plan.pages.astype("<i8").tobytes() if writes else b"")
-        with room.lock:
-            if not room.live:
-                return
-            plan.sources = sources
-            plan.sent = True
-            verdict = self.verdicts.get(room.id)
-            if verdict is not None:
-                verdict.sent = True
-                verdict.writers = frozenset(a for a, s in sources.items() if s.writes)
-            # every page from every rank writing pages, then the coordinator's commit
-            room.chunks_needed = npages * sum(s.pages for s in sources.values()) + 1
-        self.m.fire(room, Event.METADATA_SENT)
-
-    def _sources(self, room: Room, peers: list[PrefillPeer]) -> dict[str, Source] | None:
-        """Each prefill rank's share, by the assignment; None (room failed) when the ranks don't fit."""
-        layouts = [p.layout for p in peers if p.layout is not None]
-        for i, (peer, theirs) in enumerate(zip(peers, layouts, strict=True)):
-            ranks, at = theirs.tp_size * theirs.pp_size, theirs.pp_rank * theirs.tp_size + theirs.tp_rank
-            if ranks != len(peers) or at != i:
-                error = IncompatiblePeerError(
-                    f"room {room.id}: bootstrap address #{i} ({peer.address}) is prefill rank tp "
-                    f"{theirs.tp_rank} of {theirs.tp_size}, pp {theirs.pp_rank} of {theirs.pp_size}, but "
-                    f"the room lists {len(peers)} addresses (stage-major, one per rank)"
-                )
-                self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
-                return None
-        key = tuple(str(p.agent) for p in peers)  # a new incarnation is a new agent: a new key
-        shares = self._shares.get(key)
-        if shares is None:
-            try:
-                shares = decode_sources(self.m.regions.layout, layouts, lambda s: self._stages(kv_heads(s)))
-            except IncompatiblePeerError as exc:
-                error = IncompatiblePeerError(f"room {room.id}: {exc}")
-                self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
-                return None
-            if len(self._shares) >= 64:
-                self._shares.clear()
-            self._shares[key] = shares
-        return {  # fresh progress per room
-            p.address: Source(s.writes, s.pages, s.staged, s.heads, s.src_heads)
-            for p, s in zip(peers, shares, strict=True)
-        }
-
-    def abort(self, room: Room, reason: str) -> None:
-        """Worker: a local abort."""
-        self.react(room, Input.LOCAL_ABORT, reason=reason)
-
-    def react(
-        self,
-        room: Room,
-        inp: Input,
-        rank: str | None = None,
-        *,
-        reason: str = "",
-        error: BaseException | None = None,
-        state: KVPoll | None = None,
-    ) -> None:
-        """Worker: feed one input to the room's protocol and carry out what it says.
-
-        ``rank``: the prefill address it came from (None: this process).
-        ``state``: act only if the room is still in this state (deadlines).
-        """
-
-        def decide(verdict: DecodeVerdict, now_state: KVPoll) -> Outcome:
-            failing = verdict.waiting is not None
-            outcome = verdict.on(now_state, inp, rank, reason=reason, error=error)
-            if verdict.waiting is not None and not failing:  # the confirmations have a bound
-                self.failing_since.put_locked(room, self.m.clock())
-            return outcome
-
-        outcome = self.verdicts.decide(room, decide, state)
-        if outcome is None:
-            return
-        if outcome.unexpected is not None:
-            self.m.log.warning("kvroom.unexpected_input", room=room.id, detail=str(outcome.unexpected))
-        for send in fire_actions(self.m.table, room, outcome, self.m.clock()):
-            peer = self.peers.get(send.to)
-            if peer is None:
-                continue  # lost: it has nothing of the room
-            fields: dict[str, Any] = {"room": room.id}
-            if send.msg is Msg.ABORT:
-                fields["reason"] = send.reason[:2000]
-            if peer.agent is None:  # greeting: prefill may hold the room already (its request came first)
-                if send.msg is Msg.ABORT:
-                    peer.aborts.append((room.id, fields["reason"]))
-                    del peer.aborts[: -self.m.config.pending_limit]
-                continue
-            peer.client.send(send.msg.value, fields)
-
     # -- inbound ------------------------------------------------------------------
 
     def _on_message(self, peer: PrefillPeer, msg: Message | ProtocolError, now: float) -> None:
@@ -394,54 +232,6 @@ class DecodeSide(DecodeStaging):
         aborts, peer.aborts = peer.aborts, []
         for room_id, reason in aborts:  # rooms aborted while we greeted: prefill frees them now
             peer.client.send(Msg.ABORT.value, {"room": room_id, "reason": reason})
-
-    def _drain_notifications(self, now: float) -> None:
-        try:
-            notifs = self.m.agent.notifications()
-        except Exception as exc:
-            if classify(exc, "get_new_notifs") is None:
-                raise
-            return
-        for agent, messages in notifs.items():
-            peer = self.by_agent.get(agent)
-            if peer is None:
-                continue  # not a peer we greeted: ignore
-            peer.last_heard = now
-            for raw in messages:
-                for parsed in parse_notifs(raw):
-                    self._on_chunk(peer, parsed, now)
-
-    def _on_chunk(self, peer: PrefillPeer, n: Notif, now: float) -> None:
-        table = self.m.table
-        room = table.get(n.room)
-        if room is None or peer.address not in room.peers:
-            return
-        plan = self.plans.get(n.room)
-        with room.lock:
-            src = plan.sources.get(peer.address) if plan is not None else None
-            if plan is None or src is None or n.seq in src.seen or not room.live:
-                return
-            if n.npages and n.start + n.npages > (plan.pages.size if src.pages else 0):
-                return  # malformed: more pages than this rank may write
-            src.seen.add(n.seq)
-            src.pages_got += n.npages
-            if n.last:
-                src.total = n.seq + 1
-            writes = int(plan.pages.size) if src.pages else 0
-            whole = src.total is not None and len(src.seen) >= src.total
-            if whole and src.pages_got >= writes and not src.finished:
-                src.finished = True  # notifications can overtake each other: only now is it done
-                verdict = self.verdicts.get(room.id)
-                if verdict is not None:
-                    verdict.finished.add(peer.address)
-            done = all(s.finished for s in plan.sources.values())  # every prefill rank ended
-        if src.staged and n.npages:
-            self._scatter(room, plan, src, peer.address, n)
-        table.fire(room, Event.CHUNK_ARRIVED, now, chunks=n.npages, aux=done)
-        with room.lock:  # every page landed (and was scattered): vote; Success waits for the commit
-            all_in = done and room.chunks_done >= room.chunks_needed - 1
-        if all_in:
-            self.react(room, Input.ALL_DATA_IN)
 
     def _drop_peer(self, peer: PrefillPeer, error: BaseException, now: float) -> None:
         if self.peers.get(peer.address) is not peer:

@@ -12,22 +12,20 @@ that does this.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from kvroom.errors import StagingExhaustedError
-from kvroom.fsm import Event, RoomStore
+from kvroom.fsm import Event
 from kvroom.fsm.room import Room
+from kvroom.node.decode_verdicts import DecodeVerdicts
 from kvroom.node.shares import Source
 from kvroom.transport.layout import range_overlap
 from kvroom.transport.notif import Notif
 from kvroom.transport.staging import (
     Reservation,
-    StagingRing,
-    StagingStore,
     chunk_count,
     chunk_pages,
     scatter_chunk,
@@ -35,23 +33,12 @@ from kvroom.transport.staging import (
 
 if TYPE_CHECKING:
     from kvroom.node.decode_state import ReceivePlan
-    from kvroom.node.host import NodeHost
 
 __all__ = ["DecodeStaging"]
 
 
-class DecodeStaging:
+class DecodeStaging(DecodeVerdicts):
     """Staging reservations and the scatter, for :class:`~kvroom.node.decode.DecodeSide`."""
-
-    m: NodeHost
-    plans: RoomStore[ReceivePlan]
-    staging: StagingStore
-    prefetched: RoomStore[int]
-    ring: StagingRing
-    waiting_staging: list[Room]
-    _early: dict[int, tuple[dict[tuple[Hashable, ...], Reservation], int, float]]
-    _early_lock: threading.Lock
-    _views: list[torch.Tensor]
 
     def staging_needs(self, addresses: Sequence[str], num_pages: int) -> dict[tuple[Hashable, ...], int]:
         """Units per ``(chunk, session)`` a room of ``num_pages`` pages needs from these ranks.

@@ -1,0 +1,198 @@
+"""Decode's page lists out and arrivals in.
+
+:meth:`DecodeRooms.send_room` sends a room's page list to every prefill rank
+of the room once each was greeted (a rank still greeting queues the room), with
+each rank's share by the planner's assignment (:func:`~kvroom.node.shares.decode_sources`,
+cached per set of peers) and, for ranks whose head slices interleave with ours,
+staging reservations first (:class:`~kvroom.node.decode_staging.DecodeStaging`).
+A rank the assignment gives nothing gets an empty list: it only watches the room.
+Arrivals are NIXL notifications (:meth:`DecodeRooms._drain_notifications`): one
+per chunk a rank wrote, possibly out of order; a rank is finished once it sent
+all its chunks and pages, and once every rank finished and every page landed
+(and was scattered) the room votes READY.  Success waits for the coordinator's
+COMMIT.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from kvroom.errors import IncompatiblePeerError, PeerLostError
+from kvroom.fsm import Event
+from kvroom.fsm.room import Room
+from kvroom.node.decode_staging import DecodeStaging
+from kvroom.node.decode_state import PrefillPeer
+from kvroom.node.shares import Source, decode_sources, kv_heads
+from kvroom.protocol import Input
+from kvroom.transport.control import ControlClient
+from kvroom.transport.faults import classify
+from kvroom.transport.notif import Notif, parse_notifs
+from kvroom.transport.staging import chunk_count
+
+__all__ = ["DecodeRooms"]
+
+
+class DecodeRooms(DecodeStaging):
+    """Page lists and arrivals, for :class:`~kvroom.node.decode.DecodeSide`."""
+
+    def _peer(self, room: Room, address: str) -> PrefillPeer | None:
+        """The peer at ``address``, connecting and greeting it if new."""
+        peer = self.peers.get(address)
+        if peer is not None:
+            return peer
+        now = self.m.clock()
+        try:
+            cfg = self.m.config
+            client = ControlClient(self.m.zmq_context, address, cfg.max_message_bytes, cfg.keys)
+        except (ValueError, zmq.ZMQError) as exc:
+            self.m.table.fire(
+                room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address {address}: {exc}")
+            )
+            return None
+        peer = PrefillPeer(address, client, last_heard=now)
+        self.peers[address] = peer
+        tensors = self.m.tensors
+        fields = {
+            "agent": self.m.agent_name,
+            "rank": self.m.regions.to_dict(),
+            "staging_base": tensors.regions.staging_base if tensors is not None else 0,
+            "staging_bytes": tensors.regions.staging_bytes if tensors is not None else 0,
+        }
+        client.send("hello", fields, self.m.agent.metadata())
+        return peer
+
+    def connect(self, room: Room) -> None:
+        """Worker: make sure every prefill rank of the room exists and was greeted."""
+        for address in room.peers:
+            if not room.live or self._peer(room, address) is None:
+                return
+
+    def send_room(self, room: Room) -> None:
+        """Worker: send the room's page list to every prefill rank once all are ready."""
+        plan = self.plans.get(room.id)
+        if not room.live or plan is None or plan.sent or self.verdicts.of(room) is None:
+            return
+        peers = []
+        for address in room.peers:
+            peer = self._peer(room, address)
+            if peer is None:
+                return
+            if peer.agent is None:
+                if room.id not in peer.queued:
+                    peer.queued.append(room.id)
+                return
+            peers.append(peer)
+        sources = self._sources(room, peers)
+        if sources is None or not self._reserve(room, plan, sources):
+            return
+        npages = int(plan.pages.size)
+        size = self.m.config.staging_chunk_pages
+        for peer in peers:
+            src = sources[peer.address]
+            staging = None
+            if src.staged and npages:
+                chunks = range(chunk_count(npages, size))
+                staging = [self._reservation(room, c, peer.address).offset for c in chunks]
+            writes = src.writes
+            state = {k: v.tolist() for k, v in plan.state.items()} if writes and plan.state else None
+            fields = {
+                "room": room.id,
+                "aux_index": plan.aux_index if writes else None,
+                "prefix_pages": plan.prefix_pages,
+                "npages": npages if writes else 0,
+                "staging": staging,
+                "chunk_pages": size,
+                "state": state,
+                "fingerprint": plan.fingerprint,
+            }
+            peer.client.send("room", fields, plan.pages.astype("<i8").tobytes() if writes else b"")
+        with room.lock:
+            if not room.live:
+                return
+            plan.sources = sources
+            plan.sent = True
+            verdict = self.verdicts.get(room.id)
+            if verdict is not None:
+                verdict.sent = True
+                verdict.writers = frozenset(a for a, s in sources.items() if s.writes)
+            # every page from every rank writing pages, then the coordinator's commit
+            room.chunks_needed = npages * sum(s.pages for s in sources.values()) + 1
+        self.m.fire(room, Event.METADATA_SENT)
+
+    def _sources(self, room: Room, peers: list[PrefillPeer]) -> dict[str, Source] | None:
+        """Each prefill rank's share, by the assignment; None (room failed) when the ranks don't fit."""
+        layouts = [p.layout for p in peers if p.layout is not None]
+        for i, (peer, theirs) in enumerate(zip(peers, layouts, strict=True)):
+            ranks, at = theirs.tp_size * theirs.pp_size, theirs.pp_rank * theirs.tp_size + theirs.tp_rank
+            if ranks != len(peers) or at != i:
+                error = IncompatiblePeerError(
+                    f"room {room.id}: bootstrap address #{i} ({peer.address}) is prefill rank tp "
+                    f"{theirs.tp_rank} of {theirs.tp_size}, pp {theirs.pp_rank} of {theirs.pp_size}, but "
+                    f"the room lists {len(peers)} addresses (stage-major, one per rank)"
+                )
+                self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
+                return None
+        key = tuple(str(p.agent) for p in peers)  # a new incarnation is a new agent: a new key
+        shares = self._shares.get(key)
+        if shares is None:
+            try:
+                shares = decode_sources(self.m.regions.layout, layouts, lambda s: self._stages(kv_heads(s)))
+            except IncompatiblePeerError as exc:
+                error = IncompatiblePeerError(f"room {room.id}: {exc}")
+                self.m.fire(room, Event.TRANSPORT_ERROR, error=error)
+                return None
+            if len(self._shares) >= 64:
+                self._shares.clear()
+            self._shares[key] = shares
+        return {  # fresh progress per room
+            p.address: Source(s.writes, s.pages, s.staged, s.heads, s.src_heads)
+            for p, s in zip(peers, shares, strict=True)
+        }
+
+    def _drain_notifications(self, now: float) -> None:
+        try:
+            notifs = self.m.agent.notifications()
+        except Exception as exc:
+            if classify(exc, "get_new_notifs") is None:
+                raise
+            return
+        for agent, messages in notifs.items():
+            peer = self.by_agent.get(agent)
+            if peer is None:
+                continue  # not a peer we greeted: ignore
+            peer.last_heard = now
+            for raw in messages:
+                for parsed in parse_notifs(raw):
+                    self._on_chunk(peer, parsed, now)
+
+    def _on_chunk(self, peer: PrefillPeer, n: Notif, now: float) -> None:
+        table = self.m.table
+        room = table.get(n.room)
+        if room is None or peer.address not in room.peers:
+            return
+        plan = self.plans.get(n.room)
+        with room.lock:
+            src = plan.sources.get(peer.address) if plan is not None else None
+            if plan is None or src is None or n.seq in src.seen or not room.live:
+                return
+            if n.npages and n.start + n.npages > (plan.pages.size if src.pages else 0):
+                return  # malformed: more pages than this rank may write
+            src.seen.add(n.seq)
+            src.pages_got += n.npages
+            if n.last:
+                src.total = n.seq + 1
+            writes = int(plan.pages.size) if src.pages else 0
+            whole = src.total is not None and len(src.seen) >= src.total
+            if whole and src.pages_got >= writes and not src.finished:
+                src.finished = True  # notifications can overtake each other: only now is it done
+                verdict = self.verdicts.get(room.id)
+                if verdict is not None:
+                    verdict.finished.add(peer.address)
+            done = all(s.finished for s in plan.sources.values())  # every prefill rank ended
+        if src.staged and n.npages:
+            self._scatter(room, plan, src, peer.address, n)
+        table.fire(room, Event.CHUNK_ARRIVED, now, chunks=n.npages, aux=done)
+        with room.lock:  # every page landed (and was scattered): vote; Success waits for the commit
+            all_in = done and room.chunks_done >= room.chunks_needed - 1
+        if all_in:
+            self.react(room, Input.ALL_DATA_IN)
