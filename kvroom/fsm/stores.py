@@ -7,12 +7,12 @@ Writes take the room's lock, so a write and the cleanup cannot interleave.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
 
 from kvroom.fsm.room import Room
 
-__all__ = ["Store", "RoomStore", "KeyedStore"]
+__all__ = ["Store", "RoomStore", "KeyedStore", "StoreSet"]
 
 V = TypeVar("V")
 
@@ -137,3 +137,38 @@ class KeyedStore(Store, Generic[V]):
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+class StoreSet:
+    """The stores registered for one role's rooms (the room table's): cleanup empties them all.
+
+    ``request_status`` (the registry of live rooms itself) is always the first name.
+    """
+
+    def __init__(self) -> None:
+        self._stores: list[Store] = []
+        self._store_names: set[str] = {"request_status"}
+
+    def register_store(self, store: Any) -> Any:
+        """Add a store; its state is removed whenever a room is cleaned up."""
+        if not isinstance(store, Store):
+            raise TypeError(f"expected a Store, got {type(store).__name__}")
+        if store.name in self._store_names:
+            raise ValueError(f"a store named {store.name!r} is already registered")
+        self._store_names.add(store.name)
+        self._stores.append(store)
+        return store
+
+    @property
+    def store_names(self) -> tuple[str, ...]:
+        """Names of every registered store, ``request_status`` first."""
+        return ("request_status", *(s.name for s in self._stores))
+
+    def put_all(self, stores: Iterable[tuple[RoomStore[Any], Any]], room: Room) -> bool:
+        """Write several stores for one room atomically; False if the room is gone."""
+        with room.lock:
+            if not room.live:
+                return False
+            for store, value in stores:
+                store.put_locked(room, value)
+            return True

@@ -1,9 +1,12 @@
 """The room table: every live room of one role, its stores, and the engine.
 
 The engine executes the rule table *compiled from the parsed ``transitions``
-machine* of :mod:`kvroom.fsm.spec`: for each (event, state) the list of
-``(guard, dest, cleanup)`` taken from ``machine.events[e].transitions``, and for
-each state the ``on_enter`` callbacks of ``machine.states``.  A transition is
+machine* of :mod:`kvroom.fsm.spec` (:mod:`kvroom.fsm.compile`): for each
+(event, state) the list of ``(guard, dest, cleanup)`` taken from
+``machine.events[e].transitions``, and for each state the ``on_enter``
+callbacks of ``machine.states``.  Entering a state arms its deadline
+(:mod:`kvroom.fsm.deadlines`); entering Failed empties every registered store
+(:class:`~kvroom.fsm.stores.StoreSet`) of that room.  A transition is
 one list index, the guards, an attribute write and the hooks, all under the
 room's own lock; nothing in it is O(live rooms).
 
@@ -12,14 +15,8 @@ Time is always passed in (``now``); the table reads no clock.
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-from transitions import Machine
+from collections.abc import Callable
+from typing import Any
 
 from kvroom.errors import (
     BackendError,
@@ -31,10 +28,12 @@ from kvroom.errors import (
     RoomAbortedError,
     RoomStateError,
 )
+from kvroom.fsm.compile import COMPILED, CompiledRule, compile_machine
+from kvroom.fsm.deadlines import DeadlineHeap, Deadlines
 from kvroom.fsm.observer import CleanupRecord, CreatedRecord, IgnoredRecord, Observer, TransitionRecord
 from kvroom.fsm.room import Room
-from kvroom.fsm.spec import MACHINES, ORIGIN, Event, KVPoll, Origin, Role
-from kvroom.fsm.stores import KeyedStore, RoomStore, Store
+from kvroom.fsm.spec import ORIGIN, Event, KVPoll, Origin, Role
+from kvroom.fsm.stores import KeyedStore, RoomStore, StoreSet
 
 __all__ = ["Deadlines", "RoomTable", "CompiledRule", "compile_machine", "STANDARD_STORES", "STAGING_STORES"]
 
@@ -48,53 +47,6 @@ STANDARD_STORES = (
 STAGING_STORES = ("prefetched_rooms", "prefetch_requested")
 
 
-class CompiledRule(NamedTuple):
-    """One executable row: guard (or None), destination (None: internal), after hooks."""
-
-    guard: Callable[[Room], bool] | None
-    dest: KVPoll | None
-    after: tuple[Callable[[Room], None], ...]
-
-
-Compiled = dict[Event, list[tuple[CompiledRule, ...] | None]]
-
-
-def _callables(name: str, funcs: Iterable[object]) -> tuple[Callable[..., Any], ...]:
-    """Hooks must be callables: string callbacks would resolve on a model by name."""
-    out: list[Callable[..., Any]] = []
-    for func in funcs:
-        if not callable(func):
-            raise TypeError(f"{name}: hook {func!r} is not a callable; pass functions, not names")
-        out.append(func)
-    return tuple(out)
-
-
-def compile_machine(machine: Machine) -> tuple[Compiled, list[tuple[Callable[[Room], None], ...]]]:
-    """Turn a parsed ``transitions`` Machine into lookup tables.
-
-    Returns ``rules[event][state]`` (None where no transition is declared) and
-    ``enter_hooks[state]``.
-    """
-    rules: Compiled = {event: [None] * len(KVPoll) for event in Event}
-    for name, ev in machine.events.items():
-        event = Event(name)
-        for src_name, trans_list in ev.transitions.items():
-            compiled = []
-            for t in trans_list:
-                if len(t.conditions) > 1 or any(not c.target for c in t.conditions):
-                    raise ValueError(f"{name}: only one positive guard per rule is supported")
-                guards = _callables(name, (c.func for c in t.conditions))
-                dest = KVPoll[t.dest] if t.dest is not None else None
-                compiled.append(CompiledRule(guards[0] if guards else None, dest, _callables(name, t.after)))
-            rules[event][KVPoll[src_name]] = tuple(compiled)
-    enter: list[tuple[Callable[[Room], None], ...]] = [()] * len(KVPoll)
-    for state in KVPoll:
-        enter[state] = _callables(state.name, machine.states[state.name].on_enter)
-    return rules, enter
-
-
-_COMPILED = {role: compile_machine(MACHINES[role]) for role in Role}
-
 _DEFAULT_ERRORS: dict[Event, type[KVRoomError]] = {
     Event.ABORT: RoomAbortedError,
     Event.REMOTE_ABORT: RemoteFailureError,
@@ -104,32 +56,7 @@ _DEFAULT_ERRORS: dict[Event, type[KVRoomError]] = {
 }
 
 
-@dataclass(frozen=True)
-class Deadlines:
-    """Seconds a room may stay in each non-terminal state (None: no deadline)."""
-
-    bootstrapping: float | None = 30.0
-    waiting: float | None = 300.0
-    transferring: float | None = 30.0
-
-    def __post_init__(self) -> None:
-        for name in ("bootstrapping", "waiting", "transferring"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"deadline {name} must be positive or None, got {value!r}")
-
-    def for_state(self, state: KVPoll) -> float | None:
-        """The deadline of ``state`` in seconds, or None."""
-        if state is KVPoll.Bootstrapping:
-            return self.bootstrapping
-        if state is KVPoll.WaitingForInput:
-            return self.waiting
-        if state is KVPoll.Transferring:
-            return self.transferring
-        return None
-
-
-class RoomTable:
+class RoomTable(StoreSet):
     """All rooms of one role in one process, their stores, and their deadlines.
 
     Thread-safe: each transition and its cleanup runs under the room's lock;
@@ -150,11 +77,10 @@ class RoomTable:
         self._observer: Observer | None = observer
         # observers written before creation was an event may lack on_create
         self._on_create: Callable[[CreatedRecord], None] | None = getattr(observer, "on_create", None)
-        self._rules, self._enter = _COMPILED[role]
+        self._rules, self._enter = COMPILED[role]
         self._state_deadline = [self.deadlines.for_state(s) for s in KVPoll]
         self._rooms: dict[int, Room] = {}
-        self._stores: list[Store] = []
-        self._store_names: set[str] = {"request_status"}
+        StoreSet.__init__(self)
         self.transfer_infos: RoomStore[Any] = self.register_store(RoomStore("transfer_infos"))
         self.decode_prefix_lens: RoomStore[int] = self.register_store(RoomStore("decode_prefix_lens"))
         self.failure_records: RoomStore[str] = self.register_store(RoomStore("failure_records"))
@@ -167,26 +93,9 @@ class RoomTable:
             self.prefetched_rooms = self.register_store(RoomStore("prefetched_rooms"))
             requested = staging if isinstance(staging, KeyedStore) else KeyedStore("prefetch_requested")
             self.prefetch_requested = self.register_store(requested)
-        self._heap: list[tuple[float, int, Room, KVPoll]] = []
-        self._heap_lock = threading.Lock()
-        self._seq = itertools.count()
+        self._due = DeadlineHeap()
 
-    # -- stores -------------------------------------------------------------
-
-    def register_store(self, store: Any) -> Any:
-        """Add a store; its state is removed whenever a room is cleaned up."""
-        if not isinstance(store, Store):
-            raise TypeError(f"expected a Store, got {type(store).__name__}")
-        if store.name in self._store_names:
-            raise ValueError(f"a store named {store.name!r} is already registered")
-        self._store_names.add(store.name)
-        self._stores.append(store)
-        return store
-
-    @property
-    def store_names(self) -> tuple[str, ...]:
-        """Names of every registered store, ``request_status`` first."""
-        return ("request_status", *(s.name for s in self._stores))
+    # -- stores (registered through StoreSet) --------------------------------------
 
     def footprint(self, room_id: int) -> frozenset[str]:
         """Names of the stores that still hold state for ``room_id`` (empty when clean)."""
@@ -304,13 +213,7 @@ class RoomTable:
                 reason = str(room.error)
         room.state = dest
         room.since = now
-        seconds = self._state_deadline[dest]
-        if seconds is None:
-            room.deadline = None
-        else:
-            room.deadline = due = now + seconds
-            with self._heap_lock:
-                heapq.heappush(self._heap, (due, next(self._seq), room, dest))
+        self._arm_deadline(room, dest, now)
         if observer is not None:
             observer.on_transition(
                 TransitionRecord(room.id, self.role, room.peer, src, dest, event, reason, now)
@@ -361,13 +264,11 @@ class RoomTable:
             room.deadline = None
             return
         room.deadline = due = now + seconds
-        with self._heap_lock:
-            heapq.heappush(self._heap, (due, next(self._seq), room, state))
+        self._due.push(due, room, state)
 
     def next_deadline(self) -> float | None:
         """The earliest armed deadline (possibly stale), for sleeping until it."""
-        with self._heap_lock:
-            return self._heap[0][0] if self._heap else None
+        return self._due.earliest()
 
     def take_due(self, now: float) -> list[tuple[Room, KVPoll, str]]:
         """Pop the rooms whose current state's deadline is at or before ``now``.
@@ -376,14 +277,8 @@ class RoomTable:
         must confirm something before failing a room (decode waits until no
         write can still land).  Stale entries (the room moved on) are dropped.
         """
-        due: list[tuple[float, Room, KVPoll]] = []
-        with self._heap_lock:
-            heap = self._heap
-            while heap and heap[0][0] <= now:
-                deadline, _, room, state = heapq.heappop(heap)
-                due.append((deadline, room, state))
         out = []
-        for deadline, room, state in due:
+        for deadline, room, state in self._due.pop_due(now):
             if room.live and room.state is state and room.deadline == deadline:
                 seconds = self._state_deadline[state]
                 reason = (
@@ -423,12 +318,3 @@ class RoomTable:
                 room.id, room.role.value, room.state.name, "failure_exception", "room has not failed"
             )
         return room.error
-
-    def put_all(self, stores: Iterable[tuple[RoomStore[Any], Any]], room: Room) -> bool:
-        """Write several stores for one room atomically; False if the room is gone."""
-        with room.lock:
-            if not room.live:
-                return False
-            for store, value in stores:
-                store.put_locked(room, value)
-            return True

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvroom.fsm import TERMINAL, Event, KVPoll, Role
-from kvroom.fsm.table import _COMPILED
+from kvroom.fsm.compile import COMPILED
 
 __all__ = ["AuditReport", "replay", "main"]
 
@@ -127,7 +127,7 @@ def replay(lines: list[str]) -> AuditReport:
         life = history[-1]
         if life.illegal:
             continue
-        rules = _COMPILED[role][0][event][life.state]
+        rules = COMPILED[role][0][event][life.state]
         legal = (
             life.state is src
             and rules is not None
