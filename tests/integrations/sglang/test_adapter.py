@@ -289,7 +289,7 @@ def test_a_model_neither_on_disk_nor_cached_fails_the_manager_at_once_naming_it(
 def test_a_hub_models_config_is_read_from_the_cache_snapshot(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kvroom.integrations.sglang.manager import _local_model_path
+    from kvroom.integrations.sglang.settings import local_model_path
 
     hub = tmp_path / "hub"
     snapshot = hub / "models--org--tiny" / "snapshots" / ("a" * 40)
@@ -298,6 +298,6 @@ def test_a_hub_models_config_is_read_from_the_cache_snapshot(
     (hub / "models--org--tiny" / "refs").mkdir()
     (hub / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
-    assert _local_model_path("org/tiny", None) == str(snapshot)
-    assert _local_model_path(str(snapshot), None) == str(snapshot)  # a local path stays as it is
-    assert _local_model_path("org/absent", None) is None
+    assert local_model_path("org/tiny", None) == str(snapshot)
+    assert local_model_path(str(snapshot), None) == str(snapshot)  # a local path stays as it is
+    assert local_model_path("org/absent", None) is None
