@@ -192,3 +192,47 @@ def test_help_lists_the_model_presets() -> None:
     assert result.returncode == 0
     assert len(preset_names()) >= 3 and all(name in result.stdout for name in preset_names())
     assert "default llama3-8b" in result.stdout
+
+
+def test_equal_work_ratio_is_the_headline_and_its_raw_loop_checked_every_byte(tmp_path: Path) -> None:
+    result = kvroom(
+        "demo", "--json", "--requests", "40", "--max-pages", "8", "--audit-log", str(tmp_path / "a.jsonl")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    for key in ("raw_equal_work_gbps", "ratio_equal_work", "raw_nixl_gbps", "ratio_vs_raw_nixl"):
+        assert isinstance(summary[key], float) and summary[key] > 0, (key, summary)
+    assert summary["ratio_equal_work"] == pytest.approx(summary["gbps"] / summary["raw_equal_work_gbps"])
+    assert summary["verify"] is True and summary["verified"] == 40 and summary["ratio_target"] == 0.9
+    # decode checked every byte the raw loop moved, and found every room intact
+    assert summary["raw_equal_work_rooms"] > 0
+    assert summary["raw_equal_work_rooms_intact"] == summary["raw_equal_work_rooms"]
+    assert summary["raw_equal_work_bytes_verified"] == summary["raw_equal_work_bytes"] > 0
+    err = result.stderr
+    equal, plain = (
+        err.index("kvroom / raw NIXL with equal work = "),
+        err.index("kvroom / raw NIXL without checks = "),
+    )
+    assert equal < plain and "(target >= 0.9)" in err[equal:plain] and "all intact" in err[equal:plain]
+
+
+def test_no_verify_checks_nothing_on_either_side(tmp_path: Path) -> None:
+    args = (
+        "--json",
+        "--no-verify",
+        "--requests",
+        "40",
+        "--max-pages",
+        "8",
+        "--audit-log",
+        str(tmp_path / "a.jsonl"),
+    )
+    result = kvroom("demo", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["verify"] is False and summary["success"] == 40
+    assert summary["verified"] == 0  # kvroom's decodes checked nothing
+    assert summary["raw_equal_work_rooms"] > 0 and summary["raw_equal_work_gbps"] > 0  # every room arrived
+    assert summary["raw_equal_work_rooms_intact"] == summary["raw_equal_work_bytes_verified"] == 0
+    assert "bytes moved (not verified: --no-verify)" in result.stderr
+    assert "checking nothing, as kvroom's run with --no-verify" in result.stderr

@@ -49,6 +49,13 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-raw", dest="raw", action="store_false", help="skip the raw NIXL comparison after the rooms"
     )
+    p.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="check no bytes: prefill stamps nothing, decode checks nothing (kvroom's run and the raw "
+        "loop with equal work alike)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument(
         "--metrics-port",

@@ -8,20 +8,33 @@ sorted random page lists on both sides, runs coalesced the way kvroom
 coalesces them, one notification each), keeping at most ``concurrency``
 rooms' WRITEs in flight, and spins on their states until all are DONE.
 It also times WRITEs of one median-size room, one at a time: the floor for a
-room's latency.  No rooms, no control messages, no verification.
+room's latency.  No rooms, no control messages, no verification: the figure
+"without checks".  The figure "with equal work" is :mod:`kvroom.demo.raw_equal`'s
+loop, over the same agents: decode's agent then hands each notification to
+an :class:`Answerer` (its room checker) and sends back what it answers.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from kvroom.transport.descriptors import page_runs, run_descriptors
+from kvroom.transport.descriptors import IntArray, page_runs, run_descriptors
 
-__all__ = ["RawAgent", "raw_writes"]
+__all__ = ["Answerer", "RawAgent", "raw_writes"]
+
+
+class Answerer(Protocol):
+    """What decode's agent hands its notifications to (the equal-work loop's room checker)."""
+
+    def take(self, msg: bytes) -> bytes | None:
+        """One notification; returns the notification to send back to its sender, if any."""
+
+    def stats(self) -> dict[str, int]:
+        """What it did, for the raw phase's report."""
 
 
 class RawAgent:
@@ -36,23 +49,51 @@ class RawAgent:
         self.bases = [int(t.data_ptr()) for t in tensors]
         self.pool_pages = pool_pages
         self.page_bytes = page_bytes
+        self.answerer: Answerer | None = None
+        self._peers: list[str] = []
 
     def info(self) -> dict[str, Any]:
         """What the initiator needs: metadata and layer addresses."""
         return {"md": self.agent.get_agent_metadata(), "bases": self.bases, "pages": self.pool_pages}
 
-    def drain(self) -> int:
-        """Progress and drop notifications; returns how many arrived."""
-        return sum(len(v) for v in self.agent.get_new_notifs().values())
+    def serve(self, initiator_md: bytes, answerer: Answerer) -> None:
+        """Decode: answer the initiator's notifications through ``answerer`` (loads its metadata)."""
+        self._peers.append(_name(self.agent.add_remote_agent(initiator_md)))
+        self.answerer = answerer
 
-    def close(self) -> None:
-        """Deregister the memory (the tensors stay kvroom's)."""
+    def drain(self) -> int:
+        """Progress; hand notifications to the answerer (else drop them); returns how many arrived."""
+        count = 0
+        while True:
+            replies = []
+            for peer, messages in self.agent.get_new_notifs().items():
+                count += len(messages)
+                if self.answerer is not None:
+                    for msg in messages:
+                        reply = self.answerer.take(msg)
+                        if reply is not None:
+                            replies.append((peer, reply))
+            for peer, reply in replies:
+                self.agent.send_notif(peer, reply)
+            if not replies:  # else: the next call flushes them (no progress thread), and may bring more
+                return count
+
+    def close(self) -> dict[str, int]:
+        """Deregister the memory (the tensors stay kvroom's); returns the answerer's stats."""
+        for name in self._peers:
+            self.agent.remove_remote_agent(name)
+        self._peers = []
         for reg in self._regs:
             self.agent.deregister_memory(reg)
         self._regs = []
+        return self.answerer.stats() if self.answerer is not None else {}
 
 
-def _pages(rng: np.random.Generator, pool_pages: int, n: int) -> np.ndarray:
+def _name(name: bytes | str) -> str:
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def _pages(rng: np.random.Generator, pool_pages: int, n: int) -> IntArray:
     return np.sort(rng.choice(pool_pages, size=n, replace=False)).astype(np.int64)
 
 
@@ -117,12 +158,13 @@ def raw_writes(
             handles = _reap(nixl, handles)
         room_seconds.append(time.perf_counter() - t0)
     for name in names.values():
-        nixl.remove_remote_agent(name.decode() if isinstance(name, bytes) else name)
+        nixl.remove_remote_agent(_name(name))
     count = sum(len(room) for room in posts)
     return {"seconds": seconds, "bytes": total, "room_seconds": room_seconds, "writes": count}
 
 
 def _reap(nixl: Any, handles: list[Any]) -> list[Any]:
+    """The handles not DONE yet (the DONE ones are released)."""
     still = []
     for handle in handles:
         if nixl.check_xfer_state(handle) == "DONE":
