@@ -25,15 +25,21 @@ class RoomHandle:
     def poll(self) -> KVPoll:
         """The room's state; never raises transport errors.
 
-        Read under the room's lock: a Failed room is only ever seen clean.
+        It does not wait on the room's lock (the worker holds it while it
+        moves the room on): the state is one attribute, read as it stands.
+        Only Failed is read again under the lock, as its cleanup runs under it
+        right after the state is set: a Failed room is only ever seen clean.
         After :meth:`clear` the handle is spent: polling it raises
         :class:`~kvroom.errors.RoomStateError` (a stale handle must not report
         a finished room as if it were the current one).
         """
         self.manager.check_alive()
         self._check_not_cleared("poll")
-        with self.room.lock:
-            return self.room.state
+        state = self.room.state
+        if state is KVPoll.Failed:
+            with self.room.lock:
+                return self.room.state
+        return state
 
     def failure_exception(self) -> BaseException:
         """Raise the cause of a Failed room (its state is already clean)."""

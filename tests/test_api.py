@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -88,6 +89,38 @@ def test_transfer_moves_bytes_and_releases_every_handle_once(pair: tuple[KVManag
     tx.clear()
     rx.clear()
     assert p.footprint(1) == d.footprint(1) == frozenset()
+
+
+def test_poll_does_not_wait_on_the_room_lock_but_a_failed_room_is_read_under_it(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    """The worker holds a room's lock while it moves the room on; a scheduler's poll() reads past it.
+
+    Only Failed is read again under the lock: its cleanup runs under it, so a Failed room is
+    never seen before its stores are empty.
+    """
+    p, _ = pair
+    tx = KVSender(p, None, 9)
+    polled: list[KVPoll] = []
+
+    def poll() -> None:
+        polled.append(tx.poll())
+
+    with tx.room.lock:  # as the worker holds it mid-transition
+        reader = threading.Thread(target=poll)
+        reader.start()
+        reader.join(10.0)
+        assert polled == [KVPoll.Bootstrapping]
+    tx.abort("the request was aborted")
+    assert tx.poll() is KVPoll.Failed
+    with tx.room.lock:  # as the table holds it while Failed's cleanup runs
+        reader = threading.Thread(target=poll)
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive() and len(polled) == 1  # waits for the cleanup
+    reader.join(10.0)
+    assert polled == [KVPoll.Bootstrapping, KVPoll.Failed]
+    assert p.footprint(9) == frozenset()
 
 
 def test_duplicate_room_is_rejected_and_the_existing_room_untouched(

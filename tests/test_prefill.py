@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -132,3 +133,32 @@ def test_a_decode_that_aborts_before_its_page_list_fails_the_open_room_at_once(
         tx.failure_exception()
     assert wait(lambda: rx.poll() is KVPoll.Failed, SOON)
     assert p.footprint(4) == d.footprint(4) == frozenset()
+
+
+def test_the_coordinator_sends_commit_holding_no_room_lock(pair: tuple[KVManager, KVManager]) -> None:
+    """COMMIT leaves once Success released the room's lock, so no poll() or command waits on a send."""
+    from tests.test_api import ready_pair
+
+    p, d = pair
+    rooms: dict[int, KVSender] = {}
+    free_at_commit: list[bool] = []
+    send = p.side.server.send
+
+    def spy(identity: bytes, kind: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> bool:
+        if kind == "commit" and fields is not None and fields["room"] in rooms:
+            lock = rooms[fields["room"]].room.lock
+            free = lock.acquire(blocking=False)  # a plain Lock: not re-entrant, so False while held
+            if free:
+                lock.release()
+            free_at_commit.append(free)
+        return send(identity, kind, fields, payload)
+
+    p.side.server.send = spy  # type: ignore[method-assign]
+    for room in (21, 22, 23):
+        tx, rx = ready_pair(p, d, room)
+        rooms[room] = tx
+        tx.send([0, 1, 2, 3])
+        assert wait(lambda tx=tx, rx=rx: rx.poll() is KVPoll.Success and tx.poll() is KVPoll.Success)
+        tx.clear()
+        rx.clear()
+    assert free_at_commit == [True, True, True]

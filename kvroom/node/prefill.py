@@ -107,6 +107,7 @@ class PrefillSide(PrefillRooms, PrefillPeers, PrefillWrites):
         self.active = []
         self.outbox = Outbox()  # WRITEs planned this worker turn, posted joined at its end (flush)
         self.draining = {}
+        self.commits = collections.deque()
 
     # -- worker loop hooks ------------------------------------------------------
 
@@ -130,6 +131,7 @@ class PrefillSide(PrefillRooms, PrefillPeers, PrefillWrites):
             reason = f"this prefill stalled for {paused:.1f} s; its decode peers may have declared it lost"
             for peer in list(self.peers.values()):
                 self.peer_lost(peer, PeerLostError(reason), now)
+        self.send_commits()  # any a command's Success decided (react sends them itself)
         self.flush()  # the WRITEs this turn's commands planned
         refused = self.server.count_refusals()
         if refused:

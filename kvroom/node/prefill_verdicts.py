@@ -8,7 +8,8 @@ which asks the room's :class:`~kvroom.protocol.PrefillVerdict` (the table of
 :mod:`kvroom.protocol.spec`) and fires what it says.  The verdict follows
 :mod:`kvroom.protocol`: the coordinator (TP rank 0 of PP stage 0) reaches
 Success once its WRITEs completed and every decode rank voted READY, and tells
-them COMMIT (:meth:`PrefillVerdicts.on_transition`, at once on the worker); a
+them COMMIT (:meth:`PrefillVerdicts.on_transition` decides it, :meth:`PrefillVerdicts.send_commits`
+sends it on the worker as soon as the transition released the room's lock); a
 Failed room is told to its decode ranks only once none of its WRITEs can still
 land (drained first), and leaves a tombstone so late page lists for it are
 answered at once.
@@ -62,6 +63,7 @@ class PrefillVerdicts:
     draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]]
     foreign: int
     unauthenticated: int
+    commits: collections.deque[tuple[int, tuple[str, ...]]]  # decided on the worker, not sent yet
 
     if TYPE_CHECKING:  # the parts' (peers, room messages), for each other
 
@@ -82,7 +84,9 @@ class PrefillVerdicts:
             if room is not None:
                 peers = room.peers
                 if threading.current_thread() is self.m.worker:  # the usual case: a vote or a DONE
-                    self._send_commit(record.room, peers)  # now, not a loop turn later
+                    # as soon as the transition has let go of the room's lock (send_commits), not a
+                    # loop turn later, and not under the lock: a scheduler's poll() must not wait on it
+                    self.commits.append((record.room, peers))
                 else:
                     self.m.enqueue(lambda: self._send_commit(record.room, peers))
             return
@@ -93,6 +97,12 @@ class PrefillVerdicts:
         transfers = list(self.handles.get(record.room) or ())
         reason = record.reason or "failed on prefill"
         self.m.enqueue(lambda: self._after_failure(record.room, peers, reason, transfers))
+
+    def send_commits(self) -> None:
+        """Worker, holding no room lock: send the COMMITs the coordinator's Successes decided."""
+        while self.commits:
+            room_id, peers = self.commits.popleft()
+            self._send_commit(room_id, peers)
 
     def _send_commit(self, room_id: int, peers: tuple[str, ...]) -> None:
         for agent in peers:
@@ -151,3 +161,5 @@ class PrefillVerdicts:
         if outcome.unexpected is not None:
             self.m.log.warning("kvroom.unexpected_input", room=room.id, detail=str(outcome.unexpected))
         fire_actions(self.m.table, room, outcome, self.m.clock())  # a prefill verdict sends nothing
+        if self.commits and threading.current_thread() is self.m.worker:
+            self.send_commits()  # the Success it took, now that the room's lock is released
