@@ -44,9 +44,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kvroom.demo.vllm.servers import free_port  # below the ephemeral range: bound after imports
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("kvroom", "nixl")
@@ -432,18 +432,6 @@ class Peer:
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
-
-
-def free_port() -> int:
-    """A free port below the ephemeral range (it is bound seconds later, after SGLang imports)."""
-    for port in random.sample(range(20000, 32000), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def run_round(spec: Spec, first_room: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from kvroom.transport.descriptors import IntArray, page_runs, run_descriptors
 
-__all__ = ["Answerer", "RawAgent", "raw_writes"]
+__all__ = ["Answerer", "RawAgent", "chunk_descs", "raw_writes"]
 
 
 class Answerer(Protocol):
@@ -123,14 +123,8 @@ def raw_writes(
         """The descriptor lists of one room's WRITEs (one per chunk)."""
         src = _pages(rng, agent.pool_pages, npages)
         dst = _pages(rng, int(peers[decode]["pages"]), npages)
-        step = chunk_pages or npages
-        writes = []
-        for lo in range(0, npages, step):
-            s, d, n = page_runs(src[lo : lo + step], dst[lo : lo + step])
-            local = nixl.get_xfer_descs(run_descriptors(agent.bases, page_bytes, s, n), "DRAM")
-            remote = nixl.get_xfer_descs(run_descriptors(peers[decode]["bases"], page_bytes, d, n), "DRAM")
-            writes.append((local, remote, names[decode]))
-        return writes
+        chunks = chunk_descs(nixl, agent.bases, peers[decode]["bases"], page_bytes, src, dst, chunk_pages)
+        return [(local, remote, names[decode]) for _lo, local, remote in chunks]
 
     def post(write: tuple[Any, Any, Any]) -> Any:
         handle = nixl.initialize_xfer("WRITE", write[0], write[1], write[2], b"raw")
@@ -172,3 +166,23 @@ def _reap(nixl: Any, handles: list[Any]) -> list[Any]:
         else:
             still.append(handle)
     return still
+
+
+def chunk_descs(
+    nixl: Any,
+    bases: list[int],
+    peer_bases: list[int],
+    page_bytes: int,
+    src: IntArray,
+    dst: IntArray,
+    chunk_pages: int,
+) -> list[tuple[int, Any, Any]]:
+    """One room's WRITEs, one per ``chunk_pages`` chunk (0: one): ``(first page, local, remote)`` descs."""
+    step = chunk_pages or int(src.size)
+    out = []
+    for lo in range(0, int(src.size), step):
+        s, d, n = page_runs(src[lo : lo + step], dst[lo : lo + step])
+        local = nixl.get_xfer_descs(run_descriptors(bases, page_bytes, s, n), "DRAM")
+        remote = nixl.get_xfer_descs(run_descriptors(peer_bases, page_bytes, d, n), "DRAM")
+        out.append((lo, local, remote))
+    return out

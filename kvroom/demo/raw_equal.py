@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from kvroom.demo.raw import RawAgent
+from kvroom.demo.raw import RawAgent, chunk_descs
 from kvroom.demo.workload import PagePattern
-from kvroom.transport.descriptors import IntArray, page_runs, run_descriptors
+from kvroom.transport.descriptors import IntArray
 
 __all__ = [
     "RoomChecker",
@@ -193,13 +193,11 @@ def equal_work_writes(
         lane = k % lanes
         src, dst = _pick(rng, src_lanes[lane], npages), _pick(rng, dst_lanes[decode][lane], npages)
         step = chunk_pages or npages
-        writes = []
-        for lo in range(0, npages, step):
-            s, d, n = page_runs(src[lo : lo + step], dst[lo : lo + step])
-            local = nixl.get_xfer_descs(run_descriptors(agent.bases, page_bytes, s, n), "DRAM")
-            remote = nixl.get_xfer_descs(run_descriptors(peers[decode]["bases"], page_bytes, d, n), "DRAM")
-            notif = write_notif(room, first + lo, -(-npages // step), dst[lo : lo + step])
-            writes.append((local, remote, names[decode], notif))
+        chunks = chunk_descs(nixl, agent.bases, peers[decode]["bases"], page_bytes, src, dst, chunk_pages)
+        writes = [
+            (local, remote, names[decode], write_notif(room, first + lo, len(chunks), dst[lo : lo + step]))
+            for lo, local, remote in chunks
+        ]
         plan.append(_Room(room, lane, first, src, writes))
 
     busy: dict[int, tuple[int, list[Any]]] = {}  # lane -> (room, its WRITEs not DONE yet)
