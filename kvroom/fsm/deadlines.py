@@ -72,7 +72,3 @@ class DeadlineHeap:
                 deadline, _, room, state = heapq.heappop(heap)
                 due.append((deadline, room, state))
         return due
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._heap)

@@ -143,6 +143,7 @@ class PrefillSide(PrefillRooms, PrefillPeers, PrefillWrites):
             self._on_message(got[0], got[2], now, got[1])
         if self.active:
             self._poll_transfers(now)
+        self.send_commits()  # a DONE above took Success (outside react): its COMMIT goes now
         try:
             self.m.agent.progress()  # bare notifications (ends of shares) go out only with progress
         except Exception as exc:
