@@ -23,6 +23,7 @@ import zmq
 
 from kvroom.config import ManagerConfig
 from kvroom.errors import KVRoomError
+from kvroom.fingerprint import check_fingerprint
 from kvroom.fsm import (
     CleanupRecord,
     CreatedRecord,
@@ -191,6 +192,30 @@ class KVManager:
             raise ValueError(f"num_pages must be a non-negative int, got {num_pages!r}")
         self.check_alive()
         return bool(self.side.prefetch(room_id, parse_addresses(bootstrap_addr), num_pages))
+
+    def forgo(self, room_id: int, bootstrap_addr: str | Sequence[str], fingerprint: str, reason: str) -> None:
+        """Decode: the request ``fingerprint`` will never receive room ``room_id``; tell prefill.
+
+        For a request that cannot open a receiver because another request here holds
+        the id (:class:`~kvroom.DuplicateRoomError`): aborting a receiver would fail
+        the room of the request that holds it.  Prefill fails its room for
+        ``fingerprint``'s request only (:func:`kvroom.request_fingerprint`), now or as
+        it opens within ``pending_ttl``, instead of at its Bootstrapping deadline; a
+        room of that id for any other request is untouched.  Nothing is answered;
+        returns at once (the message leaves from the worker).
+        """
+        if self.role is not Role.RECEIVER:
+            raise ValueError("forgo is a decode-side call")
+        if isinstance(room_id, bool) or not isinstance(room_id, int) or not 0 <= room_id < 2**64:
+            raise ValueError(f"room_id must be an int in [0, 2**64), got {room_id!r}")
+        if fingerprint is None:
+            raise ValueError("forgo needs the request's fingerprint (kvroom.request_fingerprint)")
+        check_fingerprint(fingerprint)
+        if not isinstance(reason, str):
+            raise TypeError(f"reason must be a str, got {type(reason).__name__}")
+        addresses = parse_addresses(bootstrap_addr)
+        side = self.side
+        self.submit(lambda: side.forgo(room_id, addresses, fingerprint, reason))
 
     def fire(self, room: Room, event: Event, **kw: Any) -> bool:
         """Fire an event at the current time."""

@@ -28,6 +28,13 @@ def test_round_trip() -> None:
     assert decode(encode("ping"), CAP).type == "ping"
 
 
+def test_an_abort_may_name_the_request_it_is_for() -> None:
+    plain = decode(encode("abort", {"room": 3, "reason": "x"}), CAP)
+    assert plain.fields == {"room": 3, "reason": "x", "fingerprint": None}
+    scoped = decode(encode("abort", {"room": 3, "reason": "x", "fingerprint": "3:ab"}), CAP)
+    assert scoped.fields["fingerprint"] == "3:ab"
+
+
 @pytest.mark.parametrize(
     ("frames", "match"),
     [
@@ -41,6 +48,9 @@ def test_round_trip() -> None:
         ([MAGIC, b'{"type":"abort","room":"1","reason":"x"}'], "field 'room' has type str"),
         ([MAGIC, b'{"type":"abort","room":true,"reason":"x"}'], "field 'room' has type bool"),
         ([MAGIC, b'{"type":"abort","room":-1,"reason":"x"}'], "out of range"),
+        ([MAGIC, b'{"type":"abort","room":1,"reason":"x","fingerprint":7}'], "'fingerprint' has type int"),
+        ([MAGIC, b'{"type":"abort","room":1,"reason":"x","fingerprint":""}'], "abort: fingerprint of 0"),
+        ([MAGIC, _room(fingerprint="f" * 129), b"\0" * 8], "room: fingerprint of 129"),
         ([MAGIC, b'{"type":"ping","extra":1}'], "unexpected fields"),
         ([MAGIC, b'{"type":"ping"}', b"payload"], "wrong number of frames"),
         (

@@ -12,7 +12,17 @@ from typing import Any
 
 import pytest
 
-from kvroom import KVManager, KVPoll, KVReceiver, KVSender, ManagerConfig, PeerLostError, RemoteFailureError
+from kvroom import (
+    DuplicateRoomError,
+    KVManager,
+    KVPoll,
+    KVReceiver,
+    KVSender,
+    ManagerConfig,
+    PeerLostError,
+    RemoteFailureError,
+    request_fingerprint,
+)
 from kvroom.fsm import Deadlines
 from tests.test_api import make_pool, managers, wait
 
@@ -162,3 +172,128 @@ def test_the_coordinator_sends_commit_holding_no_room_lock(pair: tuple[KVManager
         tx.clear()
         rx.clear()
     assert free_at_commit == [True, True, True]
+
+
+FA, FB = request_fingerprint([1, 2, 3]), request_fingerprint([4, 5, 6])
+
+
+def _held(p: KVManager, d: KVManager, room: int, fingerprint: str, page_list: bool = True) -> KVReceiver:
+    """Decode's room ``room`` for request ``fingerprint``; a second receiver of that id is refused."""
+    rx = KVReceiver(d, p.bootstrap_addr, room)
+    rx.init()
+    if page_list:
+        rx.send_metadata([1, 2], None, fingerprint=fingerprint)
+    with pytest.raises(DuplicateRoomError):
+        KVReceiver(d, p.bootstrap_addr, room)
+    return rx
+
+
+def test_a_request_refused_a_held_room_id_fails_its_prefill_room_as_it_opens(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    """Two requests, one room id: decode's second is told apart by its fingerprint, the first is served."""
+    p, d = pair
+    rx = _held(p, d, 30, FA)
+    d.forgo(30, p.bootstrap_addr, FB, "room 30 is held by another request")
+    assert wait(lambda: p.snapshot()["forgone_rooms"] == 1)
+    tx = KVSender(p, None, 30, fingerprint=FA)  # the holder's prefill: untouched
+    assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
+    tx.init(2)
+    tx.send([0, 1])
+    assert wait(lambda: tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success)
+    tx.clear()
+    rx.clear()
+    started = time.monotonic()
+    other = KVSender(p, None, 30, fingerprint=FB)  # the refused request's prefill: fails as it opens
+    assert wait(lambda: other.poll() is KVPoll.Failed, SOON)
+    assert time.monotonic() - started < SOON
+    with pytest.raises(RemoteFailureError, match="held by another request"):
+        other.failure_exception()
+    assert p.snapshot()["forgone_rooms"] == 0
+    assert p.footprint(30) == d.footprint(30) == frozenset()
+
+
+def test_a_request_refused_a_held_room_id_fails_its_open_prefill_room_at_once(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    """Prefill's room for the refused request is open and waits: it fails now, the holder's room lives."""
+    p, d = pair
+    rx = _held(p, d, 31, FA, page_list=False)
+    tx = KVSender(p, None, 31, fingerprint=FB)
+    assert wait(lambda: p.table.get(31) is not None)
+    started = time.monotonic()
+    d.forgo(31, p.bootstrap_addr, FB, "room 31 is held by another request")
+    assert wait(lambda: tx.poll() is KVPoll.Failed, SOON)
+    assert time.monotonic() - started < SOON
+    with pytest.raises(RemoteFailureError, match="held by another request"):
+        tx.failure_exception()
+    assert rx.poll() is KVPoll.Bootstrapping  # no FAILED came back for the id decode holds
+    assert p.snapshot()["forgone_rooms"] == 0
+    rx.abort("done")
+    assert wait(lambda: rx.poll() is KVPoll.Failed)
+
+
+def test_a_refused_request_never_fails_another_requests_room(pair: tuple[KVManager, KVManager]) -> None:
+    """Prefill's open room is for a request other than the refused one: it waits and is served."""
+    p, d = pair
+    tx = KVSender(p, None, 32, fingerprint=FA)
+    assert wait(lambda: p.table.get(32) is not None)
+    rx = _held(p, d, 32, FA, page_list=False)
+    d.forgo(32, p.bootstrap_addr, FB, "refused")
+    assert wait(lambda: p.snapshot()["forgone_rooms"] == 1)
+    assert tx.poll() is KVPoll.Bootstrapping
+    rx.send_metadata([1, 2], None, fingerprint=FA)
+    assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
+    tx.init(2)
+    tx.send([0, 1])
+    assert wait(lambda: tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success)
+
+
+def test_a_refused_request_with_the_holders_tokens_waits_for_the_next_room(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    """Same tokens, same id: the room decode bound is the holder's; the refusal is for the one after."""
+    p, d = pair
+    rx = _held(p, d, 33, FA)
+    tx = KVSender(p, None, 33, fingerprint=FA)
+    assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
+    d.forgo(33, p.bootstrap_addr, FA, "the twin was refused")
+    assert wait(lambda: p.snapshot()["forgone_rooms"] == 1)
+    tx.init(2)
+    tx.send([0, 1])
+    assert wait(lambda: tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success)
+    tx.clear()
+    rx.clear()
+    twin = KVSender(p, None, 33, fingerprint=FA)
+    assert wait(lambda: twin.poll() is KVPoll.Failed, SOON)
+
+
+def test_forgo_is_a_decode_call_with_a_fingerprint(pair: tuple[KVManager, KVManager]) -> None:
+    p, d = pair
+    with pytest.raises(ValueError, match="decode-side"):
+        p.forgo(1, p.bootstrap_addr, FA, "x")
+    with pytest.raises(ValueError, match="fingerprint"):
+        d.forgo(1, p.bootstrap_addr, None, "x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fingerprint"):
+        d.forgo(1, p.bootstrap_addr, "x" * 129, "x")
+    with pytest.raises(ValueError, match="room_id"):
+        d.forgo(-1, p.bootstrap_addr, FA, "x")
+    with pytest.raises(ValueError, match="bootstrap"):
+        d.forgo(1, [], FA, "x")
+    with pytest.raises(TypeError, match="reason"):
+        d.forgo(1, p.bootstrap_addr, FA, None)  # type: ignore[arg-type]
+
+
+def test_a_refusal_said_before_the_handshake_goes_out_after_it(pair: tuple[KVManager, KVManager]) -> None:
+    """First contact: the refusal waits for the greeting it started, then reaches prefill."""
+    p, _ = pair
+    fresh = KVManager("decode", make_pool(), config=CFG, audit=False)
+    try:
+        fresh.forgo(34, p.bootstrap_addr, FB, "refused before any room")
+        assert wait(lambda: p.snapshot()["forgone_rooms"] == 1)
+        tx = KVSender(p, None, 34, fingerprint=FB)
+        assert wait(lambda: tx.poll() is KVPoll.Failed, SOON)
+        with pytest.raises(RemoteFailureError, match="refused before any room"):
+            tx.failure_exception()
+    finally:
+        fresh.close()

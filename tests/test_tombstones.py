@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvroom.node.tombstones import Tombstones
+from kvroom.node.tombstones import Forgone, Tombstones
 
 
 def test_an_abort_buries_a_room_only_for_its_sender() -> None:
@@ -33,3 +33,22 @@ def test_tombstones_are_bounded_by_count_and_age() -> None:
     assert list(t) == [2, 3, 4]  # the oldest went first
     t.expire(7.5)  # room 2 expired at 7.0
     assert list(t) == [3, 4]
+
+
+def test_a_forgone_room_fails_only_for_its_request_and_once() -> None:
+    f = Forgone(limit=8, ttl=10.0)
+    f.add(1, "fp-b", "refused", 0.0)
+    assert f.take(1, "fp-a") is None  # another request's room of that id is untouched
+    assert f.take(1, None) is None  # a room without a fingerprint cannot be told apart
+    assert f.take(2, "fp-b") is None
+    assert f.take(1, "fp-b") == "refused"
+    assert f.take(1, "fp-b") is None  # one room fails, not every later one
+
+
+def test_forgone_rooms_are_bounded_by_count_and_age() -> None:
+    f = Forgone(limit=2, ttl=5.0)
+    for room in range(3):
+        f.add(room, "fp", "x", float(room))
+    assert list(f) == [(1, "fp"), (2, "fp")]
+    f.expire(6.5)
+    assert list(f) == [(2, "fp")]

@@ -230,8 +230,11 @@ class DecodeSide(DecodeRooms):
             if room is not None:
                 self.send_room(room)
         aborts, peer.aborts = peer.aborts, []
-        for room_id, reason in aborts:  # rooms aborted while we greeted: prefill frees them now
-            peer.client.send(Msg.ABORT.value, {"room": room_id, "reason": reason})
+        for room_id, reason, fingerprint in aborts:  # rooms aborted while we greeted: prefill frees them
+            fields: dict[str, Any] = {"room": room_id, "reason": reason}
+            if fingerprint is not None:
+                fields["fingerprint"] = fingerprint
+            peer.client.send(Msg.ABORT.value, fields)
 
     def _drop_peer(self, peer: PrefillPeer, error: BaseException, now: float) -> None:
         if self.peers.get(peer.address) is not peer:

@@ -15,6 +15,8 @@ COMMIT.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import zmq
 
 from kvroom.errors import IncompatiblePeerError, PeerLostError
@@ -36,19 +38,22 @@ class DecodeRooms(DecodeStaging):
     """Page lists and arrivals, for :class:`~kvroom.node.decode.DecodeSide`."""
 
     def _peer(self, room: Room, address: str) -> PrefillPeer | None:
-        """The peer at ``address``, connecting and greeting it if new."""
+        """The peer at ``address``, connecting and greeting it if new (None: ``room`` failed)."""
+        try:
+            return self._connect(address)
+        except (ValueError, zmq.ZMQError) as exc:
+            error = PeerLostError(f"bad bootstrap address {address}: {exc}")
+            self.m.table.fire(room, Event.PEER_LOST, self.m.clock(), error=error)
+            return None
+
+    def _connect(self, address: str) -> PrefillPeer:
+        """The peer at ``address``, connecting and greeting it if new (ValueError, ZMQError: bad address)."""
         peer = self.peers.get(address)
         if peer is not None:
             return peer
         now = self.m.clock()
-        try:
-            cfg = self.m.config
-            client = ControlClient(self.m.zmq_context, address, cfg.max_message_bytes, cfg.keys)
-        except (ValueError, zmq.ZMQError) as exc:
-            self.m.table.fire(
-                room, Event.PEER_LOST, now, error=PeerLostError(f"bad bootstrap address {address}: {exc}")
-            )
-            return None
+        cfg = self.m.config
+        client = ControlClient(self.m.zmq_context, address, cfg.max_message_bytes, cfg.keys)
         peer = PrefillPeer(address, client, last_heard=now)
         self.peers[address] = peer
         tensors = self.m.tensors
@@ -60,6 +65,27 @@ class DecodeRooms(DecodeStaging):
         }
         client.send("hello", fields, self.m.agent.metadata())
         return peer
+
+    def forgo(self, room_id: int, addresses: Sequence[str], fingerprint: str, reason: str) -> None:
+        """Worker: tell each prefill rank that request ``fingerprint`` will never ask for ``room_id``.
+
+        For a request that holds no room here (another request of ours holds the id):
+        prefill fails its room for that request only, now or as it opens, and answers
+        nothing (a FAILED for the id would reach the room that holds it).
+        """
+        said = reason[:2000]
+        fields = {"room": room_id, "reason": said, "fingerprint": fingerprint}
+        for address in addresses:
+            try:
+                peer = self._connect(address)
+            except (ValueError, zmq.ZMQError) as exc:
+                self.m.log.warning("kvroom.forgo_unsent", room=room_id, peer=address, reason=str(exc))
+                continue
+            if peer.agent is None:  # greeting: said once the handshake is done
+                peer.aborts.append((room_id, said, fingerprint))
+                del peer.aborts[: -self.m.config.pending_limit]
+            else:
+                peer.client.send("abort", fields)
 
     def connect(self, room: Room) -> None:
         """Worker: make sure every prefill rank of the room exists and was greeted."""

@@ -31,7 +31,8 @@ class PrefillPeer:
     agent: str | None = None  # set by welcome
     layout: RankLayout | None = None  # set by welcome
     queued: list[int] = field(default_factory=list)  # rooms waiting for the handshake
-    aborts: list[tuple[int, str]] = field(default_factory=list)  # (room, reason) said after it
+    # (room, reason, fingerprint: None, or the one request it is for) said after the handshake
+    aborts: list[tuple[int, str, str | None]] = field(default_factory=list)
 
 
 @dataclass

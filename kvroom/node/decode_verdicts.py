@@ -99,7 +99,7 @@ class DecodeVerdicts:
                 fields["reason"] = send.reason[:2000]
             if peer.agent is None:  # greeting: prefill may hold the room already (its request came first)
                 if send.msg is Msg.ABORT:
-                    peer.aborts.append((room.id, fields["reason"]))
+                    peer.aborts.append((room.id, fields["reason"], None))
                     del peer.aborts[: -self.m.config.pending_limit]
                 continue
             peer.client.send(send.msg.value, fields)

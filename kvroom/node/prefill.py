@@ -53,7 +53,7 @@ from kvroom.node.prefill_peers import PrefillPeers
 from kvroom.node.prefill_rooms import PrefillRooms
 from kvroom.node.prefill_state import SendPlan, TransferInfo
 from kvroom.node.prefill_writes import PrefillWrites
-from kvroom.node.tombstones import Tombstones
+from kvroom.node.tombstones import Forgone, Tombstones
 from kvroom.protocol import Input, PrefillVerdict
 from kvroom.protocol.verdicts import Verdicts
 from kvroom.transport.auth import ServerAuth
@@ -104,6 +104,7 @@ class PrefillSide(PrefillRooms, PrefillPeers, PrefillWrites):
         # opens instead of holding its pages to a deadline
         self.orphans = Tombstones(cfg.pending_limit, cfg.pending_ttl)
         self.lost = Tombstones(cfg.pending_limit, cfg.pending_ttl)
+        self.forgone = Forgone(cfg.pending_limit, cfg.pending_ttl)
         self.active = []
         self.outbox = Outbox()  # WRITEs planned this worker turn, posted joined at its end (flush)
         self.draining = {}
@@ -172,6 +173,7 @@ class PrefillSide(PrefillRooms, PrefillPeers, PrefillWrites):
         self.tombstones.expire(now)
         self.orphans.expire(now)
         self.lost.expire(now)
+        self.forgone.expire(now)
 
     def snapshot(self) -> dict[str, Any]:
         """Operator counters."""
@@ -182,6 +184,7 @@ class PrefillSide(PrefillRooms, PrefillPeers, PrefillWrites):
             "in_flight": len(self.active),
             "draining_rooms": len(self.draining),
             "tombstones": len(self.tombstones),
+            "forgone_rooms": len(self.forgone),  # (room, request) pairs decode said it will not ask for
             "auth": "curve" if self.auth is not None else "none",
             "refused_handshakes": self.server.refused,
             "unknown_keys": self.auth.admit.unknown_keys if self.auth is not None else 0,

@@ -21,7 +21,10 @@ keys, an abort for a room no rank bound yet is held against its sender only:
 that sender's page list for it is refused later.  Rooms whose decode left while
 its page list waited (it aborted, named another request, or was lost) are
 remembered (``orphans``, ``lost``) so that without keys such a room fails as
-it opens instead of holding its pages to a deadline.
+it opens instead of holding its pages to a deadline.  An abort that names a
+request (its fingerprint: decode could not open the room because another of its
+requests holds the id) fails prefill's room for that request only, now or as it
+opens (``forgone``), and is never answered.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class PrefillRooms(PrefillVerdicts):
         """
         entries = self.pending.pop(room.id, [])
         orphan, lost = self.orphans.pop(room.id, None), self.lost.pop(room.id, None)
+        if self._forgone_at_open(room, entries):
+            return
         left = orphan or lost
         if left is not None and self.auth is None:
             waiting = {self.peers[e[0]].principal for e in entries if e[0] in self.peers}
@@ -67,6 +72,23 @@ class PrefillRooms(PrefillVerdicts):
             if peer is None and self.auth is not None:
                 continue  # it left (and its pending infos with it): nothing to authenticate against
             self._on_message(identity, msg, self.m.clock(), peer.principal if peer is not None else None)
+
+    def _forgone_at_open(self, room: Room, entries: list[tuple[bytes, Message, float]]) -> bool:
+        """Fail a room as it opens if decode said its request will never ask for it (True: failed).
+
+        A page list waiting with the room's fingerprint is that request's own: the room is
+        wanted, and what decode said holds for a later room of that id and request.
+        """
+        fingerprint = self.fingerprints.get(room.id)
+        if fingerprint is None or any(e[1].fields["fingerprint"] == fingerprint for e in entries):
+            return False
+        reason = self.forgone.take(room.id, fingerprint)
+        if reason is None:
+            return False
+        for identity, _msg, _born in entries:  # other requests' page lists: the room is not theirs
+            self._send_failed(identity, room.id, reason)
+        self.m.fire(room, Event.REMOTE_ABORT, error=RemoteFailureError(reason))
+        return True
 
     def _may_act(self, room: Room, peer: DecodePeer) -> bool:
         """Whether ``peer`` may act on ``room``: bound to it, or a rank the room may still take."""
@@ -222,6 +244,9 @@ class PrefillRooms(PrefillVerdicts):
 
     def _on_abort(self, peer: DecodePeer, msg: Message, now: float) -> None:
         room_id, reason = msg.fields["room"], f"aborted by decode: {msg.fields['reason']}"
+        if msg.fields["fingerprint"] is not None:
+            self._on_forgo(peer, room_id, msg.fields["fingerprint"], reason, now)
+            return
         room = self.m.table.get(room_id)
         if room is not None and self.auth is not None and not room.peers:
             self.tombstones.add(room_id, reason, now, peer.principal)  # held until its page list
@@ -245,3 +270,25 @@ class PrefillRooms(PrefillVerdicts):
                 self.orphans.add(room_id, reason, now, peer.principal)
             self.tombstones.add(room_id, reason, now, peer.principal)
         self._send_failed(peer.identity, room_id, reason)
+
+    def _on_forgo(self, peer: DecodePeer, room_id: int, fingerprint: str, reason: str, now: float) -> None:
+        """Decode's request ``fingerprint`` will never ask for ``room_id`` (:meth:`kvroom.KVManager.forgo`).
+
+        Prefill's open room for that request fails now, unless the peer bound it (that is
+        another request of the peer's, with the same tokens: the word is for a later room);
+        otherwise the room fails as it opens.  A room for another request is untouched, and
+        nothing is answered: decode has no room for the id but the one that holds it.
+        """
+        room = self.m.table.get(room_id)
+        if (
+            room is not None
+            and room.live
+            and room.state is KVPoll.Bootstrapping
+            and self.fingerprints.get(room_id) == fingerprint
+            and peer.agent not in room.peers
+            and (not room.peers or self._may_act(room, peer))
+        ):
+            self.m.log.info("kvroom.room_forgone", room=room_id, peer=peer.agent)
+            self.react(room, Input.ABORT, peer.agent, reason=reason, error=RemoteFailureError(reason))
+            return
+        self.forgone.add(room_id, fingerprint, reason, now)

@@ -25,7 +25,7 @@ from kvroom.errors import PeerLostError, ProtocolError
 from kvroom.fsm import KVPoll, RoomStore, TransitionRecord
 from kvroom.fsm.room import Room
 from kvroom.node.outbox import Outbox
-from kvroom.node.tombstones import Tombstones
+from kvroom.node.tombstones import Forgone, Tombstones
 from kvroom.protocol import Input, Outcome, PrefillVerdict
 from kvroom.protocol.verdicts import Verdicts, fire_actions
 from kvroom.transport.auth import ServerAuth
@@ -58,6 +58,7 @@ class PrefillVerdicts:
     tombstones: Tombstones
     orphans: Tombstones
     lost: Tombstones
+    forgone: Forgone  # (room, request) decode said will never ask for the room
     active: list[Transfer]
     outbox: Outbox
     draining: dict[int, tuple[tuple[str, ...], str, list[Transfer]]]

@@ -11,17 +11,36 @@ peer's abort can never kill another peer's room.  Entries are bounded in age
 from __future__ import annotations
 
 import collections
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Tombstones"]
+__all__ = ["Forgone", "Tombstones"]
+
+K = TypeVar("K")
+V = TypeVar("V", bound=tuple[Any, ...])
 
 
-class Tombstones(collections.OrderedDict[int, tuple[str, float, frozenset[str] | None]]):
-    """room id -> (reason, expiry, principals it holds for; None: everyone), oldest first."""
+class _Aged(collections.OrderedDict[K, V], Generic[K, V]):
+    """Entries whose value's second item is their expiry, oldest first, at most ``limit``."""
 
     def __init__(self, limit: int, ttl: float) -> None:
         super().__init__()
         self.limit = limit
         self.ttl = ttl
+
+    def _put(self, key: K, value: V) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+    def expire(self, now: float) -> None:
+        """Forget entries past their age limit."""
+        while self and next(iter(self.values()))[1] < now:
+            self.popitem(last=False)
+
+
+class Tombstones(_Aged[int, tuple[str, float, frozenset[str] | None]]):
+    """room id -> (reason, expiry, principals it holds for; None: everyone), oldest first."""
 
     def add(self, room_id: int, reason: str, now: float, principal: str | None = None) -> None:
         """Bury ``room_id`` for everyone, or only for ``principal`` (merged with earlier ones)."""
@@ -29,10 +48,7 @@ class Tombstones(collections.OrderedDict[int, tuple[str, float, frozenset[str] |
         who: frozenset[str] | None = None if principal is None else frozenset({principal})
         if old is not None and who is not None:
             who = None if old[2] is None else old[2] | who
-        self[room_id] = (reason, now + self.ttl, who)
-        self.move_to_end(room_id)
-        while len(self) > self.limit:
-            self.popitem(last=False)
+        self._put(room_id, (reason, now + self.ttl, who))
 
     def reason_for(self, room_id: int, principal: str, held_only: bool = False) -> str | None:
         """Why ``room_id`` is dead for ``principal`` (None: it is not).
@@ -46,7 +62,23 @@ class Tombstones(collections.OrderedDict[int, tuple[str, float, frozenset[str] |
             return None
         return tomb[0]
 
-    def expire(self, now: float) -> None:
-        """Forget entries past their age limit."""
-        while self and next(iter(self.values()))[1] < now:
-            self.popitem(last=False)
+
+class Forgone(_Aged[tuple[int, str], tuple[str, float]]):
+    """(room id, request fingerprint) -> (reason, expiry): rooms prefill fails as they open.
+
+    A decode request that cannot take a room id (another request of that decode holds it)
+    says so with its fingerprint (:meth:`kvroom.KVManager.forgo`); prefill's room for that
+    request, and only that request, fails at once instead of at its Bootstrapping deadline.
+    Bounded in age and count like :class:`Tombstones`.
+    """
+
+    def add(self, room_id: int, fingerprint: str, reason: str, now: float) -> None:
+        """Remember that ``fingerprint``'s request will never ask for ``room_id``."""
+        self._put((room_id, fingerprint), (reason, now + self.ttl))
+
+    def take(self, room_id: int, fingerprint: str | None) -> str | None:
+        """The reason a room for ``fingerprint``'s request must fail (and forget it); None: it need not."""
+        if fingerprint is None:
+            return None
+        entry = self.pop((room_id, fingerprint), None)
+        return None if entry is None else entry[0]

@@ -29,6 +29,10 @@ needs; the verdict moves over the ZMQ control plane::
 * A decode rank turns Failed only once no WRITE for the room can still land
   (every source confirmed with FAILED, was lost, or finished), so its pages can
   be reused at once.
+* A decode that refuses a request a room id another of its requests holds
+  has no room for it: its ABORT names the refused request (its fingerprint),
+  and prefill fails only its room for that request, now or as it opens.  That
+  ABORT is outside every room's table here and is never answered.
 
 So, while every process keeps running, a room ends Success on every rank of
 both sides or Failed on every rank of both sides.  When a process dies, the

@@ -15,7 +15,8 @@ from kvroom.errors import ProtocolError
 
 __all__ = ["MAGIC", "VERSION", "Message", "encode", "decode", "SCHEMA", "MAX_HEADER_BYTES"]
 
-VERSION = 5  # 4: hello/welcome carry planning layouts + regions, room state indices; 5: room fingerprint
+VERSION = 6  # 4: hello/welcome carry planning layouts + regions, room state indices; 5: room fingerprint;
+# 6: an abort may name the request (fingerprint) it is for
 MAGIC = b"KVR" + bytes([VERSION])
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FINGERPRINT = 128  # characters of a room message's request fingerprint
@@ -48,7 +49,8 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
         },
         "required",
     ),
-    "abort": ({"room": _INT, "reason": _STR}, "none"),
+    # fingerprint: None, or the one request this abort is for (decode holds no room for it: no answer)
+    "abort": ({"room": _INT, "reason": _STR, "fingerprint": _OPT_STR}, "none"),
     "failed": ({"room": _INT, "reason": _STR}, "none"),
     "ready": ({"room": _INT}, "none"),  # decode -> coordinator: every byte is in place (the vote)
     "commit": ({"room": _INT}, "none"),  # coordinator -> decode: Success; decode -> other prefill ranks
@@ -58,7 +60,10 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
 }
 
 
-OPTIONAL: dict[str, frozenset[str]] = {"room": frozenset({"state", "fingerprint"})}
+OPTIONAL: dict[str, frozenset[str]] = {
+    "room": frozenset({"state", "fingerprint"}),
+    "abort": frozenset({"fingerprint"}),
+}
 """Fields a peer may leave out (read as None): a room without state rows or fingerprint need not say so."""
 
 
@@ -146,8 +151,9 @@ def _check(message: Message, header_len: int) -> None:
             for rows in state.values()
         ):
             raise ProtocolError("room: state rows must be lists of ints per index space")
+    if message.type in ("room", "abort"):
         fingerprint = message.fields["fingerprint"]
         if fingerprint is not None and not 0 < len(fingerprint) <= MAX_FINGERPRINT:
-            raise ProtocolError(f"room: fingerprint of {len(fingerprint)} characters")
+            raise ProtocolError(f"{message.type}: fingerprint of {len(fingerprint)} characters")
     if message.type in ("abort", "failed", "ready", "commit") and not 0 <= message.fields["room"] < 2**64:
         raise ProtocolError(f"{message.type}: room id out of range")

@@ -100,7 +100,7 @@ class RoomScheduler:
             return
         params["do_remote_prefill"] = False  # acted on: a retry or recompute prefills locally
         if num_external_tokens <= 0:  # nothing to receive: prefill's room need not wait for us
-            self._forgo(request.request_id, remote)
+            self._forgo(request, remote)
             return
         prompt = len(request.prompt_token_ids or ())
         prefix_pages = (prompt - num_external_tokens) // self.block_size
@@ -126,7 +126,7 @@ class RoomScheduler:
                 remote = remote_prefill(request.kv_transfer_params)
                 if remote is not None:  # not acted on yet
                     request.kv_transfer_params["do_remote_prefill"] = False
-                    self._forgo(req_id, remote)
+                    self._forgo(request, remote)
             return False, None  # vLLM itself keeps a receiving request's blocks until it reports
         room = remote_decode_room(request.kv_transfer_params)
         if room is None:
@@ -144,13 +144,14 @@ class RoomScheduler:
         self.jobs.sends.append(SendJob(req_id, room, tuple(block_ids[:needed]), _fingerprint(request)))
         return True, decode_params(room, self.bootstrap_addr)
 
-    def _forgo(self, req_id: str, remote: RemotePrefill) -> None:
-        """Decode: ``req_id`` will never receive room ``remote.room``; have the workers abort it.
+    def _forgo(self, request: Any, remote: RemotePrefill) -> None:
+        """Decode: ``request`` will never receive room ``remote.room``; have the workers abort it.
 
         Prefill may hold the room already (its request came first); an abort from us
         fails it there at once instead of at its Bootstrapping deadline.
         """
-        self.jobs.recvs.append(RecvJob(req_id, remote.room, remote.bootstrap_addr, (), 0))
+        job = RecvJob(request.request_id, remote.room, remote.bootstrap_addr, (), 0, _fingerprint(request))
+        self.jobs.recvs.append(job)
 
     def build_meta(self) -> KVRoomMetadata:
         """This step's jobs for the workers (the scheduler forgets them)."""

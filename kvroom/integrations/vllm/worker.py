@@ -30,7 +30,16 @@ from typing import Any
 
 import structlog
 
-from kvroom import KVManager, KVPoll, KVPool, KVReceiver, KVRoomError, KVSender, ManagerConfig
+from kvroom import (
+    DuplicateRoomError,
+    KVManager,
+    KVPoll,
+    KVPool,
+    KVReceiver,
+    KVRoomError,
+    KVSender,
+    ManagerConfig,
+)
 from kvroom.fsm import TransitionRecord
 from kvroom.integrations.vllm.metadata import KVRoomHandshake, KVRoomMetadata, RecvJob, SendJob
 from kvroom.integrations.vllm.stats import new_data
@@ -152,19 +161,39 @@ class RoomWorker:
             receiver.send_metadata(list(job.pages), None, job.prefix_len, fingerprint=job.fingerprint)
         except (KVRoomError, ValueError, TypeError) as exc:  # reported as a failed receive next
             self.rooms[job.req_id] = _Open(job.req_id, _Unopened(exc), job.pages, time.monotonic())
+            if isinstance(exc, DuplicateRoomError):
+                self._forgo_held(job, f"request {job.req_id} cannot take room {job.room}: {exc}")
             return
         self.rooms[job.req_id] = _Open(job.req_id, receiver, job.pages, time.monotonic())
 
     def _forgo(self, job: RecvJob) -> None:
         """Decode: the request ended before its receive opened; abort the room at prefill."""
         assert self.manager is not None
+        reason = "the decode request ended before its KV was received"
         try:
             receiver = KVReceiver(self.manager, list(job.bootstrap_addr), job.room)
+        except DuplicateRoomError:
+            self._forgo_held(job, reason)
+            return
         except (KVRoomError, ValueError, TypeError):
-            return  # e.g. another request of ours holds the room id: its own room speaks for it
+            return
         receiver.init()
-        receiver.abort("the decode request ended before its KV was received")
+        receiver.abort(reason)
         self._count_failure("RoomAbortedError")
+
+    def _forgo_held(self, job: RecvJob, reason: str) -> None:
+        """Another request of ours holds the room id: prefill fails the room of this request only.
+
+        Aborting the id would fail the request that holds it; prefill's room for this
+        request (told apart by its fingerprint) would otherwise wait for its deadline.
+        """
+        assert self.manager is not None
+        if job.fingerprint is None:
+            return  # a prompt without token ids: nothing tells its room from the holder's
+        try:
+            self.manager.forgo(job.room, list(job.bootstrap_addr), job.fingerprint, reason)
+        except (KVRoomError, ValueError, TypeError) as exc:
+            _log.warning("kvroom.vllm.forgo_failed", room=job.room, req_id=job.req_id, reason=str(exc))
 
     # -- progress ---------------------------------------------------------------
 

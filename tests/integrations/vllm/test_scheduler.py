@@ -267,6 +267,35 @@ def test_two_requests_dispatched_at_once_under_one_room_never_swap_kv(
         assert engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == 63
 
 
+def test_a_request_refused_a_room_id_its_twin_holds_fails_its_later_prefill_room_at_once(
+    engines: Callable[..., tuple[Engine, Engine]],
+) -> None:
+    """(c) decode refuses B the id A holds; prefill serves A, then opens B's room under the id.
+
+    B's decode request is gone (ERROR): prefill's room for B fails as it opens, told apart from
+    A's by its fingerprint, instead of holding B's blocks to the Bootstrapping deadline.
+    """
+    prefill, decode = engines()
+    addr = prefill.worker.worker.manager.bootstrap_addr
+    remote = {"do_remote_prefill": True, ROOM: 25, BOOTSTRAP_ADDR: addr}
+    for name, prompt in (("A", PROMPT), ("B", OTHER)):
+        decode.scheduler.add_request(request(f"d-{name}", prompt, remote, max_tokens=2))
+        decode.step()
+    run([decode], lambda: "d-B" in decode.outputs)
+    assert decode.outputs["d-B"].finish_reason.name == "ERROR"  # a duplicate live room id
+    prefill.scheduler.add_request(request("p-A", PROMPT, {"do_remote_decode": True, ROOM: 25}))
+    run([prefill, decode], lambda: "d-A" in decode.outputs and quiet(prefill, decode))
+    assert decode.outputs["d-A"].finish_reason.name == "LENGTH"
+    started = time.monotonic()
+    prefill.scheduler.add_request(request("p-B", OTHER, {"do_remote_decode": True, ROOM: 25}))
+    run([prefill, decode], lambda: "p-B" in prefill.outputs and quiet(prefill, decode))
+    assert time.monotonic() - started < SOON  # not the 10 s Bootstrapping deadline
+    failures = {k: v for s in prefill.stats for k, v in s["failures"].items()}
+    assert failures == {"RemoteFailureError": 1}, failures
+    assert_clean(prefill, decode, {"prefill": "p-B", "decode": "d-B"}, 25)
+    assert prefill.held("p-A", 25) == decode.held("d-A", 25) == []
+
+
 def test_a_decode_prompt_other_than_prefills_fails_the_room_on_both_sides_at_once(
     engines: Callable[..., tuple[Engine, Engine]],
 ) -> None:
