@@ -43,6 +43,16 @@ def _waiting_page_list(p: KVManager, d: KVManager, room: int) -> KVReceiver:
     return rx
 
 
+def _serve(tx: KVSender, rx: KVReceiver) -> None:
+    """Prefill's two pages reach decode; both rooms end Success and are cleared."""
+    assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
+    tx.init(2)
+    tx.send([0, 1])
+    assert wait(lambda: tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success)
+    tx.clear()
+    rx.clear()
+
+
 def test_a_room_failed_as_it_opens_answers_the_page_list_that_waited(
     pair: tuple[KVManager, KVManager],
 ) -> None:
@@ -109,13 +119,7 @@ def test_another_decodes_waiting_page_list_keeps_an_orphaned_room_alive(
         rx2.init()
         rx2.send_metadata([5, 6], None)
         assert wait(lambda: p.side.pending.get(4) is not None)
-        tx = KVSender(p, None, 4)
-        assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
-        tx.init(2)
-        tx.send([0, 1])
-        assert wait(lambda: tx.poll() is KVPoll.Success and rx2.poll() is KVPoll.Success)
-        tx.clear()
-        rx2.clear()
+        _serve(KVSender(p, None, 4), rx2)
     finally:
         other.close()
 
@@ -196,13 +200,7 @@ def test_a_request_refused_a_held_room_id_fails_its_prefill_room_as_it_opens(
     rx = _held(p, d, 30, FA)
     d.forgo(30, p.bootstrap_addr, FB, "room 30 is held by another request")
     assert wait(lambda: p.snapshot()["forgone_rooms"] == 1)
-    tx = KVSender(p, None, 30, fingerprint=FA)  # the holder's prefill: untouched
-    assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
-    tx.init(2)
-    tx.send([0, 1])
-    assert wait(lambda: tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success)
-    tx.clear()
-    rx.clear()
+    _serve(KVSender(p, None, 30, fingerprint=FA), rx)  # the holder's prefill: untouched
     started = time.monotonic()
     other = KVSender(p, None, 30, fingerprint=FB)  # the refused request's prefill: fails as it opens
     assert wait(lambda: other.poll() is KVPoll.Failed, SOON)
@@ -243,10 +241,7 @@ def test_a_refused_request_never_fails_another_requests_room(pair: tuple[KVManag
     assert wait(lambda: p.snapshot()["forgone_rooms"] == 1)
     assert tx.poll() is KVPoll.Bootstrapping
     rx.send_metadata([1, 2], None, fingerprint=FA)
-    assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
-    tx.init(2)
-    tx.send([0, 1])
-    assert wait(lambda: tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success)
+    _serve(tx, rx)
 
 
 def test_a_refused_request_with_the_holders_tokens_waits_for_the_next_room(
@@ -259,11 +254,7 @@ def test_a_refused_request_with_the_holders_tokens_waits_for_the_next_room(
     assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
     d.forgo(33, p.bootstrap_addr, FA, "the twin was refused")
     assert wait(lambda: p.snapshot()["forgone_rooms"] == 1)
-    tx.init(2)
-    tx.send([0, 1])
-    assert wait(lambda: tx.poll() is KVPoll.Success and rx.poll() is KVPoll.Success)
-    tx.clear()
-    rx.clear()
+    _serve(tx, rx)
     twin = KVSender(p, None, 33, fingerprint=FA)
     assert wait(lambda: twin.poll() is KVPoll.Failed, SOON)
 
