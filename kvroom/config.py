@@ -17,6 +17,13 @@ class ManagerConfig:
     ``heartbeat_timeout`` bounds how long a dead or hung peer can hold rooms:
     its rooms fail after that many seconds without a word from it.
 
+    ``busy_poll_interval``: seconds between the worker's NIXL polls while its side is
+    busy (prefill: WRITEs in flight; decode: rooms waiting for their data), the most a
+    finished WRITE or an arrived chunk waits to be seen.  NIXL gives no file descriptor
+    to wait on, so this is a tick; below a millisecond the worker sleeps between polls
+    (the GIL released), and a control message can wait as long.  Lower is faster and
+    costs CPU: a decode with rooms waiting uses ~20% of a core at 0.2 ms, ~10% at 1 ms.
+
     ``keys``: this process's CURVE key pair and the peer keys it accepts
     (:class:`~kvroom.transport.auth.CurveKeys`); with them the control plane
     authenticates every peer before anything is exchanged.  Without them a
@@ -38,6 +45,7 @@ class ManagerConfig:
     staging_chunk_pages: int = 16  # pages per staging reservation
     keys: CurveKeys | None = None
     allow_unauthenticated: bool = False
+    busy_poll_interval: float = 0.0002
 
     @property
     def stall_threshold(self) -> float:
@@ -62,5 +70,7 @@ class ManagerConfig:
             )
         if self.keys is not None and not isinstance(self.keys, CurveKeys):
             raise TypeError(f"keys must be a CurveKeys, got {type(self.keys).__name__}")
+        if not 0 < self.busy_poll_interval <= 0.1:
+            raise ValueError(f"busy_poll_interval must be in (0, 0.1] s, got {self.busy_poll_interval!r}")
         if self.staging_chunk_pages <= 0:
             raise ValueError("staging_chunk_pages must be positive")

@@ -238,8 +238,7 @@ class KVManager:
         try:
             while not self._stopping.is_set():
                 self.side.register(poller)
-                busy = self.side.busy()
-                ready = dict(poller.poll(0 if self._commands.items else 1 if busy else 5))
+                ready = self._wait(poller)
                 if self._commands.fd in ready:
                     self._commands.wakeups()
                 self._run_commands()
@@ -275,6 +274,21 @@ class KVManager:
             commands.popleft()()
             if time.monotonic() >= until:
                 return
+
+    def _wait(self, poller: zmq.Poller) -> dict[Any, int]:
+        """Until a socket is ready, or for one tick: 5 ms idle, ``busy_poll_interval`` while busy."""
+        if self._commands.items:
+            return dict(poller.poll(0))
+        if not self.side.busy():
+            return dict(poller.poll(5))
+        tick = self.config.busy_poll_interval
+        if tick >= 0.001:  # whole milliseconds: ZMQ's poll wakes on a message
+            return dict(poller.poll(int(tick * 1000)))
+        ready = dict(poller.poll(0))
+        if not ready:  # ZMQ cannot wait less than 1 ms: sleep, then look again
+            time.sleep(tick)
+            ready = dict(poller.poll(0))
+        return ready
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker, close sockets and deregister memory (idempotent)."""

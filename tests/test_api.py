@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import socket
 import threading
@@ -70,6 +71,29 @@ def ready_pair(p: KVManager, d: KVManager, room: int, pages: int = 4) -> tuple[K
     assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
     tx.init(pages, aux_index=2)
     return tx, rx
+
+
+@pytest.mark.parametrize("tick", [0.0001, 0.002], ids=["sleeps-between-polls", "zmq-waits"])
+def test_either_busy_poll_tick_moves_a_room(tick: float) -> None:
+    """Below a millisecond the worker sleeps between NIXL polls, above it ZMQ's poll waits."""
+    config = dataclasses.replace(FAST, busy_poll_interval=tick)
+    p = KVManager("prefill", make_pool(), config=config, audit=False)
+    d = KVManager("decode", make_pool(), config=config, audit=False)
+    try:
+        p.pool.layers[0][3:7].fill_(9)
+        tx, rx = ready_pair(p, d, 1)
+        tx.send([3, 4, 5, 6])
+        assert wait(lambda: rx.poll() is KVPoll.Success and tx.poll() is KVPoll.Success)
+        assert bool((d.pool.layers[0][10:14] == 9).all())
+    finally:
+        p.close()
+        d.close()
+
+
+@pytest.mark.parametrize("tick", [0.0, -1.0, 0.5])
+def test_a_busy_poll_interval_out_of_range_is_refused(tick: float) -> None:
+    with pytest.raises(ValueError, match="busy_poll_interval"):
+        ManagerConfig(busy_poll_interval=tick)
 
 
 def test_transfer_moves_bytes_and_releases_every_handle_once(pair: tuple[KVManager, KVManager]) -> None:
