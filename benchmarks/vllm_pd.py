@@ -76,16 +76,24 @@ def _breakdown(stack: Stack, sent: list[float], got: list[Completion]) -> dict[s
     """kvroom, one request at a time: where the time to first token goes (ms, medians)."""
     pre_log, dec_log = stack.engine("prefill"), stack.engine("decode")
     assert pre_log is not None and dec_log is not None
-    pre, dec = audit_times(pre_log.log), audit_times(dec_log.log)
-    rooms = sorted((r for r in pre if r in dec and "Success" in dec[r]), key=lambda r: pre[r]["created"])
-    rooms = rooms[-len(sent) :]
+    settle = time.monotonic() + 5.0  # the engines write audit lines from a background thread
+    while True:
+        pre, dec = audit_times(pre_log.log), audit_times(dec_log.log)
+        done = [r for r in pre if r in dec and "Success" in dec[r] and pre[r].get("created", 0) >= sent[0]]
+        if len(done) >= len(sent) or time.monotonic() > settle:
+            break
+        time.sleep(0.1)
+    created = sorted((pre[r]["created"], r) for r in done)
     parts: dict[str, list[float]] = {
         k: [] for k in ("prefill", "admission", "page_list", "write", "first_token")
     }
-    for room, start, c in zip(rooms, sent, got, strict=False):
-        p, d = pre[room], dec[room]
-        if c.ttft is None or "WaitingForInput" not in p:
+    for i, (start, c) in enumerate(zip(sent, got, strict=True)):
+        end = sent[i + 1] if i + 1 < len(sent) else float("inf")
+        # one at a time: request i's room is the one prefill created before request i + 1 left
+        room = next((r for t, r in created if start <= t < end), None)
+        if room is None or c.ttft is None or "WaitingForInput" not in pre[room]:
             continue
+        p, d = pre[room], dec[room]
         first = start + c.ttft
         parts["prefill"].append(p["created"] - start)
         parts["admission"].append(d["created"] - p["created"])
