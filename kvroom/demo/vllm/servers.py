@@ -107,11 +107,12 @@ def proxy_command(
     port: int,
     order: str = "sequential",
     connector: str = "kvroom",
+    trace: bool = False,
 ) -> list[str]:
-    """kvroom's reference proxy over ``prefill`` and ``decode`` base URLs."""
+    """kvroom's reference proxy over ``prefill`` and ``decode`` base URLs (``trace``: ``--trace``)."""
     return [
         sys.executable, "-m", "kvroom.integrations.vllm.proxy", "--port", str(port), "--order", order,
-        "--connector", connector, "--prefill", *prefill, "--decode", *decode,
+        "--connector", connector, *(["--trace"] if trace else []), "--prefill", *prefill, "--decode", *decode,
     ]  # fmt: skip
 
 

@@ -6,6 +6,7 @@ Every engine is bound to its own core: one engine alone and prefill to core 0, d
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 
 from kvroom.demo.vllm.servers import Server, engine_env, free_port, proxy_command, vllm_command
 
-__all__ = ["MODES", "Stack", "audit_times"]
+__all__ = ["MODES", "Stack", "audit_times", "proxy_times"]
 
 MODES = ("single", "kvroom", "nixl")
 CORES = {"single": "0", "prefill": "0", "decode": "1"}
@@ -26,7 +27,8 @@ class Stack:
     mode: str
     model: Path
     logdir: Path
-    order: str = "sequential"
+    order: str = "concurrent"  # kvroom's proxy order (NixlConnector's is always sequential)
+    trace: bool = False  # the proxy writes each request's steps to its log (:func:`proxy_times`)
     kvroom: dict[str, Any] = field(default_factory=lambda: {"deadlines": [30, 30, 30]})
     servers: list[Server] = field(default_factory=list)
     url: str = ""
@@ -68,7 +70,7 @@ class Stack:
         port = free_port()
         order = self.order if connector == "kvroom" else "sequential"
         proxy = self._server(
-            "proxy", proxy_command([prefill.url], [decode.url], port, order, connector), port
+            "proxy", proxy_command([prefill.url], [decode.url], port, order, connector, self.trace), port
         )
         proxy.wait_ready(60)
         self.url = proxy.url
@@ -122,4 +124,19 @@ def audit_times(log: Path) -> dict[int, dict[str, float]]:
             dst = _DST.search(line)
             if dst is not None:
                 entry.setdefault(dst.group(1), when)
+    return rooms
+
+
+def proxy_times(log: Path) -> dict[int, dict[str, float]]:
+    """Room id -> {"prefill_sent": t, "prefill_answered": t, "decode_sent": t, ...} from the
+    proxy's ``--trace`` lines (monotonic, the engines' and the client's clock)."""
+    rooms: dict[int, dict[str, float]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        if not line.startswith('{"room"'):
+            continue
+        try:
+            step = json.loads(line)
+        except ValueError:
+            continue
+        rooms.setdefault(int(step["room"]), {}).setdefault(str(step["event"]), float(step["t"]))
     return rooms

@@ -115,20 +115,46 @@ async def _disconnect(url: str, prompt: list[int], max_tokens: int, after_tokens
     return seen
 
 
+@pytest.mark.parametrize("order", ["sequential", "concurrent"])
 @pytest.mark.parametrize("side", ["decode", "prefill"])
-def test_a_client_that_disconnects_leaves_nothing_held(pd: PD, reference: Reference, side: str) -> None:
-    url = pd.proxy().url
-    prompt = prompt_ids(MAX_MODEL_LEN - 300, seed=3000 if side == "decode" else 3100)  # nothing cached
-    before = metric(pd.prefill.url, "vllm:prompt_tokens_total") or 0.0
+def test_a_client_that_disconnects_leaves_nothing_held(
+    pd: PD, reference: Reference, side: str, order: str
+) -> None:
+    """Concurrent: prefill's and decode's requests are both in flight when the client leaves."""
+    url = pd.proxy(order).url
+    if order == "concurrent":  # the proxy learns prefill's kvroom address from a first answer
+        run(complete_all(url, [prompt_ids(8, seed=3200)], 2))
+    seed = (3000 if side == "decode" else 3100) + (50 if order == "concurrent" else 0)
+    prompt = prompt_ids(MAX_MODEL_LEN - 300, seed=seed)  # nothing cached
+    before = _reached(pd, order)
     seen = run(_disconnect(url, prompt, 200, 3 if side == "decode" else 0))
     assert seen == (3 if side == "decode" else 0)
-    # prefill got the request (an idle read before that would prove nothing), then nothing is held
-    wait_for(lambda: (metric(pd.prefill.url, "vllm:prompt_tokens_total") or 0.0) > before, 30, "prefill ran")
+    # the request reached the engines (an idle read before that would prove nothing), then nothing
+    # is held; sequential: prefill always finishes it (the proxy hands its room to decode)
+    wait_for(lambda: _reached(pd, order) > before, 30, "the engines got the request")
     pd.wait_idle()  # the abandoned request's blocks and room are gone on both engines
     prompts = [prompt_ids(100, seed=3001)]
     (after,) = run(complete_all(url, prompts, TOKENS))
     assert (after.status, after.error) == (200, "")
     assert after.tokens == reference.tokens(prompts, TOKENS)[0]
+
+
+def _total(url: str, name: str) -> float:
+    """The sum of every sample of ``name`` at ``url``/metrics (all label sets)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+        lines = resp.read().decode().splitlines()
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith((name + "{", name + " ")))
+
+
+def _reached(pd: PD, order: str) -> float:
+    """What rises once an abandoned request reached the engines: prefill's prompt tokens (prefill
+    ran it) and, concurrent, the kvroom rooms failed on either side (it was aborted before or after)."""
+    ran = _total(pd.prefill.url, "vllm:prompt_tokens_total")
+    if order == "sequential":
+        return ran
+    return ran + sum(_total(s.url, "vllm:kvroom_failures_total") for s in (pd.prefill, pd.decodes[0]))
 
 
 def test_the_proxy_reports_a_dead_upstream_as_an_http_error(pd: PD, servers: Servers) -> None:
