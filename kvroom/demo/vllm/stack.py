@@ -1,7 +1,9 @@
 """One serving mode at a time: one engine alone, or a PD pair (kvroom's or NixlConnector) and a proxy.
 
 Used by ``make demo-vllm`` (:mod:`kvroom.demo.vllm.__main__`) and ``benchmarks/vllm_pd.py``.
-Every engine is bound to its own core: one engine alone and prefill to core 0, decode to core 1.
+Every engine is bound to its own core: one engine alone and prefill to core 0, decode to core 1;
+with ``pin`` (the default) every process of its server (API server and engine core too, not
+only the model runner's OpenMP threads) runs there, so one engine alone really has one core.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvroom.demo.vllm.servers import Server, engine_env, free_port, proxy_command, vllm_command
+from kvroom.demo.vllm.servers import Server, engine_env, free_port, pinned, proxy_command, vllm_command
 
 __all__ = ["MODES", "Stack", "audit_times", "proxy_times"]
 
@@ -29,6 +31,7 @@ class Stack:
     logdir: Path
     order: str = "concurrent"  # kvroom's proxy order (NixlConnector's is always sequential)
     trace: bool = False  # the proxy writes each request's steps to its log (:func:`proxy_times`)
+    pin: bool = True  # every process of an engine's server on its core, not only its OpenMP threads
     kvroom: dict[str, Any] = field(default_factory=lambda: {"deadlines": [30, 30, 30]})
     servers: list[Server] = field(default_factory=list)
     url: str = ""
@@ -77,6 +80,8 @@ class Stack:
         return self
 
     def _server(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None) -> Server:
+        if self.pin and name in CORES:
+            cmd = pinned(cmd, CORES[name])
         server = Server(f"{self.mode}-{name}", cmd, port, self.logdir / f"{self.mode}-{name}.log", env)
         self.servers.append(server.start())
         return server
