@@ -19,7 +19,7 @@ from kvroom.demo.vllm.servers import Server, engine_env, free_port, pinned, prox
 __all__ = ["MODES", "Stack", "audit_times", "proxy_times"]
 
 MODES = ("single", "kvroom", "nixl")
-CORES = {"single": "0", "prefill": "0", "decode": "1"}
+CORES = {"single": "0", "prefill": "0", "decode": "1", "proxy": "0"}  # the proxy beside prefill
 
 
 @dataclass
