@@ -171,3 +171,14 @@ def test_sleep_mode_is_refused_where_vllm_has_it() -> None:
     )
     with pytest.raises(ValueError, match="KVRoomConnector does not support sleep mode"):
         check(config)
+
+
+def test_the_proxy_sends_decode_beside_prefill_by_default_for_kvroom_only() -> None:
+    """kvroom takes decode's page list before prefill has the request; NixlConnector cannot."""
+    from kvroom.integrations.vllm.proxy import Proxy
+
+    assert Proxy(["http://p"], ["http://d"]).order == "concurrent"
+    assert Proxy(["http://p"], ["http://d"], order="sequential").order == "sequential"
+    assert Proxy(["http://p"], ["http://d"], connector="nixl").order == "sequential"
+    with pytest.raises(ValueError, match="sequential order only"):
+        Proxy(["http://p"], ["http://d"], connector="nixl", order="concurrent")
