@@ -25,8 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 
 class _Spinner:
     """A thread that counts as fast as pure Python can, until stopped."""
@@ -70,15 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.switch is not None:
         sys.setswitchinterval(args.switch)
-    from nixl._api import nixl_agent, nixl_agent_config
+    from _agents import local_pair
 
     big = args.big_mib << 20
-    src, dst = torch.ones(big, dtype=torch.uint8), torch.zeros(big, dtype=torch.uint8)
-    a = nixl_agent("gil-a", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
-    b = nixl_agent("gil-b", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
-    a.register_memory(src)
-    b.register_memory(dst)
-    a.add_remote_agent(b.get_agent_metadata())
+    a, b, src, dst = local_pair(big, "gil")
 
     def post(nbytes: int) -> tuple[Any, float]:
         handle = a.initialize_xfer(

@@ -51,15 +51,9 @@ def _pct(values: list[float], q: float) -> float:
 
 def _raw_write_ms(repeat: int = 200) -> float:
     """p50 of one NIXL WRITE of KV_BYTES between two agents in this process (DRAM)."""
-    import torch
-    from nixl._api import nixl_agent, nixl_agent_config
+    from _agents import local_pair
 
-    src, dst = torch.ones(KV_BYTES, dtype=torch.uint8), torch.zeros(KV_BYTES, dtype=torch.uint8)
-    a = nixl_agent("raw-a", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
-    b = nixl_agent("raw-b", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
-    a.register_memory(src)
-    b.register_memory(dst)
-    a.add_remote_agent(b.get_agent_metadata())
+    a, b, src, dst = local_pair(KV_BYTES, "raw")
     local, remote = a.get_xfer_descs(src), b.get_xfer_descs(dst)
     times = []
     for _ in range(repeat):
