@@ -10,14 +10,17 @@ from typing import Any
 import torch
 
 
+def _agent(name: str) -> Any:
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    return nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+
+
 def local_pair(nbytes: int, prefix: str) -> tuple[Any, Any, torch.Tensor, torch.Tensor]:
     """Agents ``{prefix}-a`` and ``{prefix}-b``, a's ``nbytes`` of ones and b's of zeros registered,
     b known to a: ``a.initialize_xfer("WRITE", ..., f"{prefix}-b")`` writes a's bytes into b's."""
-    from nixl._api import nixl_agent, nixl_agent_config
-
     src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
-    a = nixl_agent(f"{prefix}-a", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
-    b = nixl_agent(f"{prefix}-b", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    a, b = _agent(f"{prefix}-a"), _agent(f"{prefix}-b")
     a.register_memory(src)
     b.register_memory(dst)
     a.add_remote_agent(b.get_agent_metadata())
@@ -27,10 +30,8 @@ def local_pair(nbytes: int, prefix: str) -> tuple[Any, Any, torch.Tensor, torch.
 def _target(conn: Any, nbytes: int, tick: float) -> None:
     """A NIXL agent in its own process that polls for notifications every ``tick`` seconds (0:
     spins) and answers each with the monotonic time it saw it, until told to stop."""
-    from nixl._api import nixl_agent, nixl_agent_config
-
     dst = torch.zeros(nbytes, dtype=torch.uint8)
-    b = nixl_agent("polled-b", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    b = _agent("polled-b")
     b.register_memory(dst)
     conn.send((b.get_agent_metadata(), b.get_serialized_descs(b.get_xfer_descs(dst))))
     while not conn.poll():
@@ -47,8 +48,6 @@ def polled_write_ms(nbytes: int, tick: float, repeat: int = 100) -> float:
     spin a core sees of a WRITE)."""
     import multiprocessing
 
-    from nixl._api import nixl_agent, nixl_agent_config
-
     ctx = multiprocessing.get_context("spawn")
     here, there = ctx.Pipe()
     proc = ctx.Process(target=_target, args=(there, nbytes, tick), daemon=True)
@@ -56,7 +55,7 @@ def polled_write_ms(nbytes: int, tick: float, repeat: int = 100) -> float:
     try:
         metadata, descs = here.recv()
         src = torch.ones(nbytes, dtype=torch.uint8)
-        a = nixl_agent("polled-a", nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        a = _agent("polled-a")
         a.register_memory(src)
         peer = a.add_remote_agent(metadata)
         local, remote = a.get_xfer_descs(src), a.deserialize_descs(descs)

@@ -81,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         a.transfer(handle)
         return handle, time.perf_counter() - start
 
-    def finish(handle: Any) -> None:
+    def wait(handle: Any) -> None:
         while a.check_xfer_state(handle) != "DONE":
             b.get_new_notifs()
+
+    def finish(handle: Any) -> None:
+        wait(handle)
         a.release_xfer_handle(handle)
 
     # 1. the large WRITE: does the thread beside it run while transfer() copies?
@@ -102,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. calls per second alone and beside the busy thread
     small = int(args.mib * (1 << 20))
-    done, _ = post(small)
-    finish(done)
-    done, _ = post(small)
-    while a.check_xfer_state(done) != "DONE":
-        b.get_new_notifs()
+    finish(post(small)[0])  # warm-up
+    done, _ = post(small)  # a DONE handle for check_xfer_state to query
+    wait(done)
     calls: dict[str, Callable[[], object]] = {
         f"WRITE {args.mib:g} MiB to DONE": lambda: finish(post(small)[0]),
         "check_xfer_state": lambda: a.check_xfer_state(done),

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["Completion", "complete", "complete_all", "metric"]
+__all__ = ["Completion", "complete", "complete_all", "metric", "metric_total"]
 
 
 @dataclass
@@ -115,12 +115,25 @@ async def complete_all(
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-def metric(url: str, name: str, timeout: float = 5.0) -> float | None:
-    """The value of Prometheus sample ``name`` (the first, labels ignored) at ``url``/metrics."""
+def _samples(url: str, name: str, timeout: float) -> list[float]:
+    """The values of every Prometheus sample ``name`` (any labels) at ``url``/metrics."""
     import urllib.request
 
     with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as resp:
-        for raw in resp.read().decode().splitlines():
-            if raw.startswith(name) and raw[len(name) : len(name) + 1] in ("{", " "):
-                return float(raw.rsplit(" ", 1)[1])
-    return None
+        lines = resp.read().decode().splitlines()
+    return [
+        float(raw.rsplit(" ", 1)[1])
+        for raw in lines
+        if raw.startswith(name) and raw[len(name) : len(name) + 1] in ("{", " ")
+    ]
+
+
+def metric(url: str, name: str, timeout: float = 5.0) -> float | None:
+    """The value of Prometheus sample ``name`` (the first, labels ignored) at ``url``/metrics."""
+    values = _samples(url, name, timeout)
+    return values[0] if values else None
+
+
+def metric_total(url: str, name: str, timeout: float = 5.0) -> float:
+    """The sum of every sample of ``name`` at ``url``/metrics (all label sets; 0 when none)."""
+    return sum(_samples(url, name, timeout))

@@ -13,7 +13,7 @@ import asyncio
 import aiohttp
 import pytest
 
-from kvroom.demo.vllm.client import complete, complete_all, metric
+from kvroom.demo.vllm.client import complete, complete_all, metric, metric_total
 from kvroom.demo.vllm.model import prompt_ids
 from tests.integrations.vllm_e2e.engines import (
     BLOCK,
@@ -139,22 +139,13 @@ def test_a_client_that_disconnects_leaves_nothing_held(
     assert after.tokens == reference.tokens(prompts, TOKENS)[0]
 
 
-def _total(url: str, name: str) -> float:
-    """The sum of every sample of ``name`` at ``url``/metrics (all label sets)."""
-    import urllib.request
-
-    with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        lines = resp.read().decode().splitlines()
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines if ln.startswith((name + "{", name + " ")))
-
-
 def _reached(pd: PD, order: str) -> float:
     """What rises once an abandoned request reached the engines: prefill's prompt tokens (prefill
     ran it) and, concurrent, the kvroom rooms failed on either side (it was aborted before or after)."""
-    ran = _total(pd.prefill.url, "vllm:prompt_tokens_total")
+    ran = metric_total(pd.prefill.url, "vllm:prompt_tokens_total")
     if order == "sequential":
         return ran
-    return ran + sum(_total(s.url, "vllm:kvroom_failures_total") for s in (pd.prefill, pd.decodes[0]))
+    return ran + sum(metric_total(s.url, "vllm:kvroom_failures_total") for s in (pd.prefill, pd.decodes[0]))
 
 
 def test_the_proxy_reports_a_dead_upstream_as_an_http_error(pd: PD, servers: Servers) -> None:
