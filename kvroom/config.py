@@ -19,10 +19,11 @@ class ManagerConfig:
 
     ``busy_poll_interval``: seconds between the worker's NIXL polls while its side is
     busy (prefill: WRITEs in flight; decode: rooms waiting for their data), the most a
-    finished WRITE or an arrived chunk waits to be seen.  NIXL gives no file descriptor
-    to wait on, so this is a tick; below a millisecond the worker sleeps between polls
-    (the GIL released), and a control message can wait as long.  Lower is faster and
-    costs CPU: a decode with rooms waiting uses ~20% of a core at 0.2 ms, ~10% at 1 ms.
+    finished WRITE waits to be seen.  NIXL gives no file descriptor to wait on, so this
+    is a tick; between polls the worker waits on its sockets (the GIL released), and a
+    control message (a WRITTEN, a vote, a verdict) or a scheduler call wakes it at once.
+    Lower is faster and costs CPU: a decode with rooms waiting uses ~20% of a core at
+    0.2 ms, ~10% at 1 ms.
 
     ``keys``: this process's CURVE key pair and the peer keys it accepts
     (:class:`~kvroom.transport.auth.CurveKeys`); with them the control plane

@@ -13,6 +13,7 @@ every live room with that error and is re-raised by the next API call.
 
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -285,8 +286,8 @@ class KVManager:
         if tick >= 0.001:  # whole milliseconds: ZMQ's poll wakes on a message
             return dict(poller.poll(int(tick * 1000)))
         ready = dict(poller.poll(0))
-        if not ready:  # ZMQ cannot wait less than 1 ms: sleep, then look again
-            time.sleep(tick)
+        if not ready:  # ZMQ cannot wait less than 1 ms: wait on its file descriptors, then look again
+            select.select(_fds(poller), [], [], tick)
             ready = dict(poller.poll(0))
         return ready
 
@@ -310,6 +311,13 @@ class KVManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _fds(poller: zmq.Poller) -> list[int]:
+    """The file descriptors behind a poller's sockets: readable when a socket's events may have
+    changed (ZMQ's are edge-triggered, so a wake-up only says "look", and a wait may miss one
+    already taken: bound it)."""
+    return [s if isinstance(s, int) else s.getsockopt(zmq.FD) for s, _ in poller.sockets]
 
 
 class _Forward:

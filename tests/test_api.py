@@ -73,9 +73,9 @@ def ready_pair(p: KVManager, d: KVManager, room: int, pages: int = 4) -> tuple[K
     return tx, rx
 
 
-@pytest.mark.parametrize("tick", [0.0001, 0.002], ids=["sleeps-between-polls", "zmq-waits"])
+@pytest.mark.parametrize("tick", [0.0001, 0.002], ids=["waits-on-sockets-between-polls", "zmq-waits"])
 def test_either_busy_poll_tick_moves_a_room(tick: float) -> None:
-    """Below a millisecond the worker sleeps between NIXL polls, above it ZMQ's poll waits."""
+    """Below a millisecond the worker waits on its sockets between NIXL polls, above it ZMQ's poll waits."""
     config = dataclasses.replace(FAST, busy_poll_interval=tick)
     p = KVManager("prefill", make_pool(), config=config, audit=False)
     d = KVManager("decode", make_pool(), config=config, audit=False)
