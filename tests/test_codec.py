@@ -28,6 +28,14 @@ def test_round_trip() -> None:
     assert decode(encode("ping"), CAP).type == "ping"
 
 
+def test_written_carries_the_notifications_of_done_writes() -> None:
+    payload = b"kvr2:7:0:0:16:0;kvr2:9:2:32:8:1"
+    msg = decode(encode("written", payload=payload), CAP)
+    assert msg.type == "written" and msg.fields == {} and msg.payload == payload
+    with pytest.raises(ProtocolError, match="not a list of WRITE notifications"):
+        encode("written", payload=b"")
+
+
 def test_an_abort_may_name_the_request_it_is_for() -> None:
     plain = decode(encode("abort", {"room": 3, "reason": "x"}), CAP)
     assert plain.fields == {"room": 3, "reason": "x", "fingerprint": None}
@@ -66,6 +74,9 @@ def test_an_abort_may_name_the_request_it_is_for() -> None:
             "field 'staging' has type str",
         ),
         ([MAGIC, b'{"type":"ping"}', b"x" * CAP], "exceeds"),
+        ([MAGIC, b'{"type":"written"}', b"kvr2:1:0:0:4"], "not a list of WRITE notifications"),
+        ([MAGIC, b'{"type":"written"}', b"kvr2:1:0:0:4:1;"], "not a list of WRITE notifications"),
+        ([MAGIC, b'{"type":"written"}'], "wrong number of frames"),
     ],
 )
 def test_bad_frames_are_rejected_with_a_reason(frames: list[bytes], match: str) -> None:

@@ -2,9 +2,11 @@
 
 Every rank runs the real room table (:mod:`kvroom.fsm`) and the real per-room
 protocol (:mod:`kvroom.protocol.rooms`); only the wire is simulated: FIFO
-control links per direction, NIXL notifications that arrive in any order and
-independently of the control links, WRITEs that land before their handle
-reports DONE.  Hypothesis interleaves deliveries with deadlines, aborts,
+control links per direction, WRITEs that land before their handle reports
+DONE, and their announcements (WRITTEN on the wire, sent at DONE on the link
+that carries COMMIT and FAILED) arriving in any order, independently of the
+control links, as soon as the WRITE landed: looser than the wire allows, so
+what holds here holds there.  Hypothesis interleaves deliveries with deadlines, aborts,
 stalls (a peer may declare a stalled rank lost) and process deaths, then lets
 the system settle and checks:
 

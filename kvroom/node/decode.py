@@ -14,7 +14,7 @@ byte is in place.  Which input does what in which phase is the table of
 :mod:`kvroom.protocol.spec`; :meth:`DecodeSide.react` carries it out.
 
 :class:`DecodeSide` is the worker's view of decode: one loop turn
-(:meth:`DecodeSide.step`: messages, NIXL notifications, heartbeats, rooms
+(:meth:`DecodeSide.step`: messages, NIXL progress, heartbeats, rooms
 waiting for staging space), the deadlines, the handshake's answers and losing
 a peer.  Its parts, each a module:
 
@@ -92,11 +92,12 @@ class DecodeSide(DecodeRooms):
         self._registered = live
 
     def busy(self) -> bool:
-        """True while rooms hold page lists: their notifications are only seen by polling NIXL."""
+        """True while rooms hold page lists: NIXL moves bytes into them only with our polling
+        on transports that need the target (UCX over TCP)."""
         return len(self.plans) > 0
 
     def step(self, ready: dict[Any, int], now: float) -> None:
-        """Messages, notifications, heartbeats, rooms waiting for staging space."""
+        """Messages (WRITTEN among them), NIXL progress, heartbeats, rooms waiting for staging space."""
         for peer in list(self.peers.values()):
             if peer.agent is None and peer.client.refused():
                 refused = IncompatiblePeerError(
@@ -112,7 +113,7 @@ class DecodeSide(DecodeRooms):
                 self._on_message(peer, msg, now)
                 if self.peers.get(peer.address) is not peer:
                     break
-        self._drain_notifications(now)
+        self._progress()
         if self.waiting_staging:
             waiting, self.waiting_staging = self.waiting_staging, []
             for room in waiting:
@@ -188,6 +189,9 @@ class DecodeSide(DecodeRooms):
         if msg.type == "unknown":  # it declared us lost (we were stalled, or it restarted)
             error = PeerLostError(f"prefill at {peer.address} no longer knows this decode (declared it lost)")
             self.peer_lost(peer, error, now)
+            return
+        if msg.type == "written":
+            self._on_written(peer, msg.payload, now)
             return
         room = self.m.table.get(msg.fields["room"]) if "room" in msg.fields else None
         if room is None or peer.address not in room.peers:

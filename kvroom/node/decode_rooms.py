@@ -6,8 +6,9 @@ each rank's share by the planner's assignment (:func:`~kvroom.node.shares.decode
 cached per set of peers) and, for ranks whose head slices interleave with ours,
 staging reservations first (:class:`~kvroom.node.decode_staging.DecodeStaging`).
 A rank the assignment gives nothing gets an empty list: it only watches the room.
-Arrivals are NIXL notifications (:meth:`DecodeRooms._drain_notifications`): one
-per chunk a rank wrote, possibly out of order; a rank is finished once it sent
+Arrivals come in WRITTEN messages (:meth:`DecodeRooms._on_written`), sent by a
+prefill rank once its WRITEs are DONE: one notification per chunk it wrote, in
+order on its link but in any order across ranks; a rank is finished once it sent
 all its chunks and pages, and once every rank finished and every page landed
 (and was scattered) the room votes READY.  Success waits for the coordinator's
 COMMIT.
@@ -175,21 +176,20 @@ class DecodeRooms(DecodeStaging):
             for p, s in zip(peers, shares, strict=True)
         }
 
-    def _drain_notifications(self, now: float) -> None:
+    def _progress(self) -> None:
+        """Let NIXL move its backend.  Its notifications mean nothing here: no kvroom prefill
+        sends any (WRITEs are announced by WRITTEN, on the authenticated control link)."""
         try:
-            notifs = self.m.agent.notifications()
+            self.m.agent.notifications()
         except Exception as exc:
             if classify(exc, "get_new_notifs") is None:
                 raise
-            return
-        for agent, messages in notifs.items():
-            peer = self.by_agent.get(agent)
-            if peer is None:
-                continue  # not a peer we greeted: ignore
-            peer.last_heard = now
-            for raw in messages:
-                for parsed in parse_notifs(raw):
-                    self._on_chunk(peer, parsed, now)
+
+    def _on_written(self, peer: PrefillPeer, payload: bytes, now: float) -> None:
+        """WRITTEN from ``peer``: its WRITEs listed in ``payload`` are DONE, their bytes in place
+        (the codec refused a payload that does not parse)."""
+        for chunk in parse_notifs(payload):
+            self._on_chunk(peer, chunk, now)
 
     def _on_chunk(self, peer: PrefillPeer, n: Notif, now: float) -> None:
         table = self.m.table

@@ -1,14 +1,14 @@
 """Prefill's outbox: the WRITEs of one worker turn, joined into few NIXL transfers.
 
-On host memory NIXL copies inside ``transfer()``, holding the GIL, and every
-transfer carries ~25 us of fixed work beside its copy (two descriptor lists,
-a request, its polling and its release; measured in ``benchmarks/README.md``).
+On host memory NIXL copies inside ``transfer()``, and every transfer carries
+~25 us of fixed work beside its copy (two descriptor lists, a request, its
+polling and its release; measured in ``benchmarks/README.md``).
 A forward batch ends with one ``send()`` per request, so chunks arrive in
 bursts: the worker plans every queued chunk, and the outbox joins the WRITEs
 bound for the same decode agent and memory kinds into one transfer (up to
 ``max_bytes``, ``max_writes`` or ``max_rows`` descriptor rows: per-token rows of
 interleaved head slices must not pile up into one giant list), whose one
-notification lists each WRITE's own
+WRITTEN message lists each WRITE's notification
 (``;``-separated, :func:`~kvroom.transport.notif.parse_notifs`).  Decode counts
 every entry as if it had come alone.  A lone chunk is posted alone, in the same
 worker turn: batching never waits for more work.  Chunks into a route with one
@@ -130,7 +130,7 @@ class Batch:
 
     @property
     def notif(self) -> bytes:
-        """Every entry's notification, in one."""
+        """Every entry's notification, in one (the payload of its WRITTEN)."""
         return b";".join(e.notif for e in self.entries)
 
     @property

@@ -146,7 +146,7 @@ class PrefillSide(PrefillRooms, PrefillPeers, PrefillWrites):
             self._poll_transfers(now)
         self.send_commits()  # a DONE above took Success (outside react): its COMMIT goes now
         try:
-            self.m.agent.progress()  # bare notifications (ends of shares) go out only with progress
+            self.m.agent.progress()  # NIXL moves its backend only inside its calls: between transfers too
         except Exception as exc:
             if classify(exc, "progress") is None:
                 raise

@@ -5,8 +5,8 @@ that turns a ``send()`` chunk into WRITEs for every decode rank of the room
 (:func:`~kvroom.planning.align_chunk`, then the peer's cached route or the
 staging ring, :mod:`kvroom.node.shares`), queues them in the turn's
 :class:`~kvroom.node.outbox.Outbox`, posts each batch as one NIXL transfer
-(:meth:`PrefillWrites.flush`), and turns DONE into ``COMPLETE`` and NIXL
-faults into protocol inputs.  Only the worker thread runs it.
+(:meth:`PrefillWrites.flush`), and turns DONE into ``WRITTEN`` to decode and
+``COMPLETE`` here, and NIXL faults into protocol inputs.  Only the worker thread runs it.
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ class PrefillWrites(PrefillVerdicts):
                 room.chunks_needed += verdict.needed(len(infos))
             self.react(room, Input.DELIVERED)
         for peer in ends:
-            if not self._notify_end(room, peer, plan):
-                return
+            self._notify_end(room, peer, plan)
         if writes:
             with room.lock:  # count every WRITE of the chunk before any of them can complete
                 if not room.live:
@@ -114,16 +113,11 @@ class PrefillWrites(PrefillVerdicts):
             peer.staging[0], tensors.staging_unit_bytes, kv.mem, kv.device,
         )  # fmt: skip
 
-    def _notify_end(self, room: Room, peer: DecodePeer, plan: SendPlan) -> bool:
+    def _notify_end(self, room: Room, peer: DecodePeer, plan: SendPlan) -> None:
         """A rank's share ended with no WRITE: tell it in a bare notification."""
         seq = plan.seqs.get(peer.agent, 0)
-        try:
-            self.m.agent.notify(peer.agent, notif_message(room.id, seq, 0, 0, True))
-        except Exception as exc:
-            self._fault([room.id], peer, exc, "notify", self.m.clock())
-            return False
+        self.server.send(peer.identity, "written", payload=notif_message(room.id, seq, 0, 0, True))
         plan.seqs[peer.agent] = seq + 1
-        return True
 
     def _live(self, room_id: int) -> bool:
         room = self.m.table.get(room_id)
@@ -180,7 +174,11 @@ class PrefillWrites(PrefillVerdicts):
             self.active.append(transfer)
 
     def _done(self, transfer: Transfer) -> None:
+        """A transfer is DONE: its bytes are in decode's memory; say so (WRITTEN), count its WRITEs."""
         self.m.agent.release(transfer)
+        peer = self.by_agent.get(transfer.peer)
+        if peer is not None:
+            self.server.send(peer.identity, "written", payload=transfer.announce)
         for room_id, ends_room in transfer.rooms:
             room = self.m.table.get(room_id)
             if room is not None and transfer.peer in room.peers:

@@ -103,8 +103,10 @@ def render_sequence() -> str:
     ]
     for src, dst, msg, note in SEQUENCE:
         if msg is Msg.COMMIT and src == "prefill0":
-            lines.append("    prefill0-->>decode: NIXL WRITEs (pages, aux), notifications")
+            lines.append("    prefill0-->>decode: NIXL WRITEs (pages, aux)")
+            lines.append(f"    prefill0->>decode: WRITTEN ({MESSAGES[Msg.WRITTEN][2]})")
             lines.append("    prefillk-->>decode: NIXL WRITEs (its heads)")
+            lines.append("    prefillk->>decode: WRITTEN")
             lines.append(f"    decode->>prefill0: READY ({MESSAGES[Msg.READY][2]})")
         lines.append(f"    {src}->>{dst}: {msg.name}")
         if note:

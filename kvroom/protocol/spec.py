@@ -10,10 +10,17 @@ needs; the verdict moves over the ZMQ control plane::
     decode rank j                          prefill rank 0 (coordinator)
       ROOM (page list)   ------------------>   (and to every other prefill rank)
                         <=== NIXL WRITEs ===   (from every source rank)
+                        <------------------   WRITTEN: those WRITEs are DONE (from each source rank)
       every byte in place: READY  -------->    own WRITEs DONE + READY from every decode rank
                         <------------------   COMMIT: Success here, and no deadline can undo it
       Success; COMMIT   ------------------>   prefill ranks 1..n-1: Success on the relayed commit
 
+* A source rank announces its WRITEs with WRITTEN once NIXL says they are
+  DONE (its UCX backend flushes each transfer: DONE means the bytes are in
+  the target's memory), on the same link as its COMMIT and FAILED.  A WRITE
+  carries no NIXL notification: one would complete only with the target's
+  own NIXL progress, and reach the decode worker only when it polled NIXL,
+  where WRITTEN wakes it.
 * A decode rank **votes** (READY) only once every byte of the room is in
   place, and after voting it reaches a verdict only from the coordinator:
   COMMIT (Success) or FAILED (Failed), or the coordinator's loss (Failed).
@@ -84,6 +91,7 @@ class Msg(str, enum.Enum):
     WELCOME = "welcome"  # prefill -> decode: agent metadata, layout
     REJECT = "reject"  # prefill -> decode: the handshake is refused
     ROOM = "room"  # decode -> prefill: where to write a room's pages
+    WRITTEN = "written"  # prefill -> decode: these WRITEs are DONE (their bytes are in place)
     READY = "ready"  # decode -> coordinator: every byte of the room is in place (the vote)
     COMMIT = "commit"  # coordinator -> decode (the verdict Success); decode -> other prefill ranks (relay)
     ABORT = "abort"  # decode -> prefill: fail the room (a request, when the coordinator receives it)
@@ -98,6 +106,7 @@ MESSAGES: dict[Msg, tuple[str, str, str]] = {
     Msg.WELCOME: ("prefill", "decode", "handshake accepted: agent metadata, KV layout"),
     Msg.REJECT: ("prefill", "decode", "handshake refused, with the field that differs"),
     Msg.ROOM: ("decode", "prefill", "a room's page list, prefix, aux slot and staging offsets"),
+    Msg.WRITTEN: ("prefill", "decode", "these WRITEs are DONE: their pages, by room and sequence number"),
     Msg.READY: ("decode", "prefill", "vote, to the coordinator: every byte of the room is in place"),
     Msg.COMMIT: ("both", "both", "the coordinator's verdict Success; decode relays it to other ranks"),
     Msg.ABORT: ("decode", "prefill", "fail the room (to the coordinator after a vote: a request)"),

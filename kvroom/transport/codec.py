@@ -12,11 +12,13 @@ import json
 from typing import Any, NamedTuple
 
 from kvroom.errors import ProtocolError
+from kvroom.transport.notif import parse_notifs
 
 __all__ = ["MAGIC", "VERSION", "Message", "encode", "decode", "SCHEMA", "MAX_HEADER_BYTES"]
 
-VERSION = 6  # 4: hello/welcome carry planning layouts + regions, room state indices; 5: room fingerprint;
-# 6: an abort may name the request (fingerprint) it is for
+VERSION = 7  # 4: hello/welcome carry planning layouts + regions, room state indices; 5: room fingerprint;
+# 6: an abort may name the request (fingerprint) it is for; 7: WRITEs are announced by ``written``, not
+# by NIXL notifications
 MAGIC = b"KVR" + bytes([VERSION])
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FINGERPRINT = 128  # characters of a room message's request fingerprint
@@ -52,6 +54,8 @@ SCHEMA: dict[str, tuple[dict[str, tuple[type, ...]], str]] = {
     # fingerprint: None, or the one request this abort is for (decode holds no room for it: no answer)
     "abort": ({"room": _INT, "reason": _STR, "fingerprint": _OPT_STR}, "none"),
     "failed": ({"room": _INT, "reason": _STR}, "none"),
+    # prefill -> decode: these WRITEs are DONE (payload: their notifications, kvroom.transport.notif)
+    "written": ({}, "required"),
     "ready": ({"room": _INT}, "none"),  # decode -> coordinator: every byte is in place (the vote)
     "commit": ({"room": _INT}, "none"),  # coordinator -> decode: Success; decode -> other prefill ranks
     "ping": ({}, "none"),
@@ -155,5 +159,7 @@ def _check(message: Message, header_len: int) -> None:
         fingerprint = message.fields["fingerprint"]
         if fingerprint is not None and not 0 < len(fingerprint) <= MAX_FINGERPRINT:
             raise ProtocolError(f"{message.type}: fingerprint of {len(fingerprint)} characters")
+    if message.type == "written" and not parse_notifs(message.payload):
+        raise ProtocolError("written: the payload is not a list of WRITE notifications")
     if message.type in ("abort", "failed", "ready", "commit") and not 0 <= message.fields["room"] < 2**64:
         raise ProtocolError(f"{message.type}: room id out of range")

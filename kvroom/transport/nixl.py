@@ -35,12 +35,14 @@ class Transfer:
     """One posted NIXL transfer: its handle, the WRITEs it carries, and its fate.
 
     ``rooms`` holds ``(room, ends_room)`` per WRITE joined into it (one entry
-    unless prefill's outbox joined several).
+    unless prefill's outbox joined several); ``announce`` is what the target
+    is told once the transfer is DONE (its WRITEs' notifications).
     """
 
     rooms: tuple[tuple[int, bool], ...]
     peer: str
     handle: Any
+    announce: bytes = b""
     released: bool = field(default=False)
 
     @property
@@ -121,20 +123,25 @@ class NixlAgent:
         local_mem: str,
         remote: DescArray,
         remote_mem: str,
-        notif: bytes,
+        announce: bytes,
         rooms: tuple[tuple[int, bool], ...],
     ) -> tuple[Transfer, str]:
         """Post a WRITE of ``local`` rows into ``remote`` rows; returns (transfer, state).
 
-        ``rooms``: ``(room, ends_room)`` per WRITE the rows carry.
+        ``rooms``: ``(room, ends_room)`` per WRITE the rows carry; ``announce``
+        is kept on the transfer for the caller to tell the peer at DONE.  The
+        WRITE carries no NIXL notification: with one, DONE would wait for the
+        target's own NIXL progress.  Without, DONE needs none of it, and it
+        still means the bytes are in the target's memory (NIXL's UCX backend
+        flushes every transfer before it reports DONE).
         """
         ldescs = self._agent.get_xfer_descs(np.ascontiguousarray(local), local_mem)
         rdescs = self._agent.get_xfer_descs(np.ascontiguousarray(remote), remote_mem)
         if ldescs is None or rdescs is None:  # NIXL logs and returns None on bad input
             raise ValueError(f"rooms {sorted({r for r, _ in rooms})}: NIXL rejected the descriptor lists")
-        handle = self._agent.initialize_xfer("WRITE", ldescs, rdescs, peer, notif)
+        handle = self._agent.initialize_xfer("WRITE", ldescs, rdescs, peer)
         self.posted += 1
-        transfer = Transfer(rooms, peer, handle)
+        transfer = Transfer(rooms, peer, handle, announce)
         try:
             state = self._agent.transfer(handle)
         except BaseException:

@@ -1,4 +1,8 @@
-"""The NIXL notification that rides on each WRITE of a room, and its parser.
+"""The notification of each WRITE of a room, and its parser.
+
+Prefill sends them to decode in a WRITTEN control message once the NIXL
+transfer that carried the WRITEs is DONE (not as NIXL notifications: with one,
+NIXL completes a transfer only after the target's own progress).
 
 ``kvr2:room:seq:start:npages:last``: the WRITE numbered ``seq`` (per room
 and decode rank, from 0) of one prefill rank filled pages ``start..start+npages``
@@ -7,8 +11,8 @@ marks the final WRITE of that prefill rank's share, so its ``seq + 1`` is how
 many WRITEs the share took, whatever order the notifications arrive in.
 
 One NIXL transfer may carry several WRITEs (prefill's outbox joins a worker
-turn's WRITEs to one decode agent): its notification is theirs joined by
-``;``, and :func:`parse_notifs` returns each.
+turn's WRITEs to one decode agent): its WRITTEN lists theirs joined by ``;``,
+and :func:`parse_notifs` returns each.
 """
 
 from __future__ import annotations
