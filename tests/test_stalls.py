@@ -3,6 +3,7 @@ for its own pause, and the pair serves new rooms afterwards."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -90,6 +91,39 @@ def test_decode_stopped_past_prefills_deadline_fails_every_room_on_both_sides(
     snap = decode.call("snapshot")
     assert snap["staging_free"] == snap["staging_capacity"]
     serves_new_rooms(prefill, decode, addr, 99_000)
+
+
+def test_a_stopped_decode_holds_none_of_prefills_writes_and_its_rooms_succeed_after() -> None:
+    """WRITEs carry no NIXL notification, so DONE needs nothing from the target (one-sided
+    transports: cma here): once UCX's connection is up (its wire-up needs the target), prefill's
+    transfers finish while decode is stopped, their WRITTEN waits in the socket, and the rooms
+    succeed on both sides once decode runs again."""
+    prefill, decode = Rank("prefill", {}), Rank("decode", {})
+    try:
+        addr = prefill.call("start", "prefill", 0, 1, deadlines=(10.0, 30.0, 30.0), heartbeat_timeout=30.0)
+        decode.call("start", "decode", 0, 1, deadlines=(10.0, 30.0, 30.0), heartbeat_timeout=30.0)
+        serves_new_rooms(prefill, decode, addr, 100)  # the connection is up
+        rooms = [1, 2, 3, 4]
+        open_rooms(prefill, decode, addr, rooms)
+        decode.pause()
+        try:
+            for room in rooms:
+                prefill.call("send", room, SRC[6:])
+            deadline = time.monotonic() + 10
+            while (in_flight := prefill.call("snapshot")["in_flight"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert in_flight == 0, "prefill's WRITEs waited for a stopped decode"
+            assert [prefill.call("poll", r) for r in rooms] == ["Transferring"] * len(rooms)  # no vote yet
+        finally:
+            decode.resume()
+        assert finish(decode, rooms, 20) == dict.fromkeys(rooms, "Success")
+        assert finish(prefill, rooms, 20) == dict.fromkeys(rooms, "Success")
+        for k in range(len(rooms)):
+            assert decode.call("holds", dst(k), SRC)
+    finally:
+        for rank in (prefill, decode):
+            rank.kill()
+            assert not rank.alive(), f"{rank.name} outlived its test"
 
 
 def stop_past_the_heartbeat(prefill: Rank, decode: Rank, stalled: Rank) -> tuple[str, list[int]]:

@@ -184,10 +184,11 @@ class NixlAgent:
         self._agent.send_notif(peer, message)
 
     def progress(self) -> None:
-        """Drive the backend without a progress thread (flushes queued notifications).
+        """Drive the backend without a progress thread.
 
-        NIXL progresses its backend inside its polling calls; a side that sent
-        a notification but has no transfer left to poll must still call one.
+        NIXL progresses its backend only inside its calls: a side with no
+        transfer to poll must still call one (connection set-up, a bare
+        notification, WRITEs over transports that need the target).
         """
         self._agent.get_new_notifs()
 
