@@ -17,13 +17,18 @@ class ManagerConfig:
     ``heartbeat_timeout`` bounds how long a dead or hung peer can hold rooms:
     its rooms fail after that many seconds without a word from it.
 
-    ``busy_poll_interval``: seconds between the worker's NIXL polls while its side is
-    busy (prefill: WRITEs in flight; decode: rooms waiting for their data), the most a
-    finished WRITE waits to be seen.  NIXL gives no file descriptor to wait on, so this
-    is a tick; between polls the worker waits on its sockets (the GIL released), and a
-    control message (a WRITTEN, a vote, a verdict) or a scheduler call wakes it at once.
-    Lower is faster and costs CPU: a decode with rooms waiting uses ~20% of a core at
-    0.2 ms, ~10% at 1 ms.
+    ``busy_poll_interval``: seconds between a prefill worker's NIXL polls while WRITEs
+    are in flight, the most a finished WRITE waits to be seen.  NIXL gives no file
+    descriptor to wait on, so this is a tick; between polls the worker waits on its
+    sockets (the GIL released), and a control message (a vote, a verdict) or a
+    scheduler call wakes it at once.  Lower is faster and costs CPU.
+
+    ``target_poll_interval``: seconds between a decode worker's NIXL polls while rooms
+    wait for their data.  Decode learns that bytes landed from prefill's WRITTEN on the
+    control link, which wakes it at once; its polls only drive NIXL's progress, which
+    shared memory and RDMA do not need and UCX over TCP does (a WRITE there completes
+    only as the target reads it).  A decode with rooms waiting uses ~20% of a core at
+    0.2 ms, ~10% at 1 ms: CPU its engine and prefill's copies may need.
 
     ``keys``: this process's CURVE key pair and the peer keys it accepts
     (:class:`~kvroom.transport.auth.CurveKeys`); with them the control plane
@@ -47,6 +52,7 @@ class ManagerConfig:
     keys: CurveKeys | None = None
     allow_unauthenticated: bool = False
     busy_poll_interval: float = 0.0002
+    target_poll_interval: float = 0.001
 
     @property
     def stall_threshold(self) -> float:
@@ -71,7 +77,8 @@ class ManagerConfig:
             )
         if self.keys is not None and not isinstance(self.keys, CurveKeys):
             raise TypeError(f"keys must be a CurveKeys, got {type(self.keys).__name__}")
-        if not 0 < self.busy_poll_interval <= 0.1:
-            raise ValueError(f"busy_poll_interval must be in (0, 0.1] s, got {self.busy_poll_interval!r}")
+        for name in ("busy_poll_interval", "target_poll_interval"):
+            if not 0 < getattr(self, name) <= 0.1:
+                raise ValueError(f"{name} must be in (0, 0.1] s, got {getattr(self, name)!r}")
         if self.staging_chunk_pages <= 0:
             raise ValueError("staging_chunk_pages must be positive")

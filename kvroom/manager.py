@@ -277,12 +277,12 @@ class KVManager:
                 return
 
     def _wait(self, poller: zmq.Poller) -> dict[Any, int]:
-        """Until a socket is ready, or for one tick: 5 ms idle, ``busy_poll_interval`` while busy."""
+        """Until a socket is ready, or for one tick: 5 ms idle, the side's NIXL poll tick while busy."""
         if self._commands.items:
             return dict(poller.poll(0))
-        if not self.side.busy():
+        tick = self.side.tick()
+        if tick is None:
             return dict(poller.poll(5))
-        tick = self.config.busy_poll_interval
         if tick >= 0.001:  # whole milliseconds: ZMQ's poll wakes on a message
             return dict(poller.poll(int(tick * 1000)))
         ready = dict(poller.poll(0))

@@ -75,8 +75,9 @@ def ready_pair(p: KVManager, d: KVManager, room: int, pages: int = 4) -> tuple[K
 
 @pytest.mark.parametrize("tick", [0.0001, 0.002], ids=["waits-on-sockets-between-polls", "zmq-waits"])
 def test_either_busy_poll_tick_moves_a_room(tick: float) -> None:
-    """Below a millisecond the worker waits on its sockets between NIXL polls, above it ZMQ's poll waits."""
-    config = dataclasses.replace(FAST, busy_poll_interval=tick)
+    """Below a millisecond the worker waits on its sockets between NIXL polls, above it ZMQ's poll
+    waits: prefill's tick (WRITEs in flight) and decode's (rooms waiting for data) alike."""
+    config = dataclasses.replace(FAST, busy_poll_interval=tick, target_poll_interval=tick)
     p = KVManager("prefill", make_pool(), config=config, audit=False)
     d = KVManager("decode", make_pool(), config=config, audit=False)
     try:
@@ -91,9 +92,33 @@ def test_either_busy_poll_tick_moves_a_room(tick: float) -> None:
 
 
 @pytest.mark.parametrize("tick", [0.0, -1.0, 0.5])
-def test_a_busy_poll_interval_out_of_range_is_refused(tick: float) -> None:
-    with pytest.raises(ValueError, match="busy_poll_interval"):
-        ManagerConfig(busy_poll_interval=tick)
+@pytest.mark.parametrize("name", ["busy_poll_interval", "target_poll_interval"])
+def test_a_poll_interval_out_of_range_is_refused(name: str, tick: float) -> None:
+    with pytest.raises(ValueError, match=name):
+        ManagerConfig(**{name: tick})
+
+
+def test_each_side_polls_nixl_at_its_own_tick_only_while_busy() -> None:
+    """Decode ticks at target_poll_interval while a room holds a page list (prefill's tick, with
+    WRITEs in flight, lasts microseconds here: the room's success shows it ended); idle, neither
+    ticks."""
+    config = dataclasses.replace(FAST, busy_poll_interval=0.0003, target_poll_interval=0.004)
+    p = KVManager("prefill", make_pool(), config=config, audit=False)
+    d = KVManager("decode", make_pool(), config=config, audit=False)
+    try:
+        assert p.side.tick() is None and d.side.tick() is None
+        tx, rx = ready_pair(p, d, 1)
+        assert wait(lambda: d.side.tick() == 0.004)  # a page list sent: its room waits for data
+        assert wait(lambda: tx.poll() is KVPoll.WaitingForInput)
+        tx.send([3, 4, 5, 6])
+        assert wait(lambda: rx.poll() is KVPoll.Success and tx.poll() is KVPoll.Success)
+        assert d.side.tick() == 0.004  # a page list lives until the scheduler clears its room
+        rx.clear()
+        tx.clear()
+        assert wait(lambda: p.side.tick() is None and d.side.tick() is None)
+    finally:
+        p.close()
+        d.close()
 
 
 def test_transfer_moves_bytes_and_releases_every_handle_once(pair: tuple[KVManager, KVManager]) -> None:

@@ -91,10 +91,10 @@ class DecodeSide(DecodeRooms):
             poller.register(sock, zmq.POLLIN)
         self._registered = live
 
-    def busy(self) -> bool:
-        """True while rooms hold page lists: NIXL moves bytes into them only with our polling
-        on transports that need the target (UCX over TCP)."""
-        return len(self.plans) > 0
+    def tick(self) -> float | None:
+        """While rooms hold page lists, how often to drive NIXL's progress (UCX over TCP moves
+        bytes into them only as we poll); None when none waits."""
+        return self.m.config.target_poll_interval if self.plans else None
 
     def step(self, ready: dict[Any, int], now: float) -> None:
         """Messages (WRITTEN among them), NIXL progress, heartbeats, rooms waiting for staging space."""

@@ -117,9 +117,9 @@ class PrefillSide(PrefillRooms, PrefillPeers, PrefillWrites):
         if self.server.socket not in dict(poller.sockets):
             poller.register(self.server.socket, zmq.POLLIN)
 
-    def busy(self) -> bool:
-        """True while transfers are in flight (poll NIXL without sleeping)."""
-        return bool(self.active)
+    def tick(self) -> float | None:
+        """While transfers are in flight, how often to poll NIXL for their ends; None when none is."""
+        return self.m.config.busy_poll_interval if self.active else None
 
     def step(self, ready: dict[Any, int], now: float) -> None:
         """Handle messages, poll transfers, send heartbeat verdicts."""

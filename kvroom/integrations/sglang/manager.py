@@ -132,6 +132,7 @@ class KvroomKVManager(PrefillRecompute, BaseKVManager):  # type: ignore[misc]
             heartbeat_interval=env_float("KVROOM_HEARTBEAT_INTERVAL", 0.5),
             heartbeat_timeout=env_float("KVROOM_HEARTBEAT_TIMEOUT", 5.0),
             busy_poll_interval=env_float("KVROOM_BUSY_POLL_INTERVAL", ManagerConfig.busy_poll_interval),
+            target_poll_interval=env_float("KVROOM_TARGET_POLL_INTERVAL", ManagerConfig.target_poll_interval),
             host=local_ip(),
             transfer_mode="auto" if staging else "direct",
             # SGLang has no per-backend settings: keys come from KVROOM_KEY_FILE / KVROOM_TRUSTED_KEYS

@@ -47,7 +47,7 @@ def manager_config(extra: dict[str, Any]) -> ManagerConfig:
     kwargs: dict[str, Any] = {}
     if "deadlines" in extra:
         kwargs["deadlines"] = Deadlines(*(float(s) for s in extra["deadlines"]))
-    for key in ("heartbeat_interval", "heartbeat_timeout", "busy_poll_interval"):
+    for key in ("heartbeat_interval", "heartbeat_timeout", "busy_poll_interval", "target_poll_interval"):
         if key in extra:
             kwargs[key] = float(extra[key])
     if "transfer_mode" in extra:

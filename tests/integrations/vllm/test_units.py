@@ -138,6 +138,8 @@ def test_extra_config_passes_authentication_through(tmp_path: Any, monkeypatch: 
     config = manager_config({"bootstrap_host": "10.0.0.7", "key_file": secret, "trusted_keys": peers})
     assert config.host == "10.0.0.7" and config.keys is not None and len(config.keys.trusted) == 1
     assert manager_config({}).keys is None and manager_config({}).allow_unauthenticated is False
+    ticks = manager_config({"busy_poll_interval": "0.0005", "target_poll_interval": 0.002})
+    assert (ticks.busy_poll_interval, ticks.target_poll_interval) == (0.0005, 0.002)
     monkeypatch.setenv("KVROOM_ALLOW_UNAUTHENTICATED", "true")  # the environment is the fallback
     assert manager_config({"bootstrap_host": "0.0.0.0"}).allow_unauthenticated is True
     assert manager_config({"allow_unauthenticated": False}).allow_unauthenticated is False
