@@ -55,3 +55,26 @@ def test_one_rooms_reason_is_bounded() -> None:
     mine = for_room(BackendError("y" * 5000), 7)
     assert len(str(mine)) == MAX_REASON and str(mine).endswith("...")
     assert bounded("short") == "short"
+
+
+class _Raising:
+    """A NIXL agent whose ``get_new_notifs`` raises ``exc``."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def get_new_notifs(self) -> dict[str, list[bytes]]:
+        raise self.exc
+
+
+def test_progress_keeps_nixl_faults_to_the_transfers_and_raises_bugs() -> None:
+    """A NIXL fault seen while only driving progress belongs to no transfer: not raised (the
+    transfers' polls and the heartbeats report it); anything else is a bug and is raised."""
+    from kvroom.transport.nixl import NixlAgent
+
+    agent = NixlAgent.__new__(NixlAgent)  # no backend: only the call's fault policy is tested
+    agent._agent = _Raising(nixl_bindings.nixlRemoteDisconnectError("NIXL_ERR_REMOTE_DISCONNECT"))
+    agent.progress()
+    agent._agent = _Raising(TypeError("bug"))
+    with pytest.raises(TypeError, match="bug"):
+        agent.progress()

@@ -113,7 +113,7 @@ class DecodeSide(DecodeRooms):
                 self._on_message(peer, msg, now)
                 if self.peers.get(peer.address) is not peer:
                     break
-        self._progress()
+        self.m.agent.progress()  # drives NIXL (UCX over TCP needs it); WRITTEN says what landed
         if self.waiting_staging:
             waiting, self.waiting_staging = self.waiting_staging, []
             for room in waiting:

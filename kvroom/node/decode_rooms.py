@@ -28,7 +28,6 @@ from kvroom.node.decode_state import PrefillPeer
 from kvroom.node.shares import Source, decode_sources, kv_heads
 from kvroom.protocol import Input
 from kvroom.transport.control import ControlClient
-from kvroom.transport.faults import classify
 from kvroom.transport.notif import Notif, parse_notifs
 from kvroom.transport.staging import chunk_count
 
@@ -175,15 +174,6 @@ class DecodeRooms(DecodeStaging):
             p.address: Source(s.writes, s.pages, s.staged, s.heads, s.src_heads)
             for p, s in zip(peers, shares, strict=True)
         }
-
-    def _progress(self) -> None:
-        """Let NIXL move its backend.  Its notifications mean nothing here: no kvroom prefill
-        sends any (WRITEs are announced by WRITTEN, on the authenticated control link)."""
-        try:
-            self.m.agent.notifications()
-        except Exception as exc:
-            if classify(exc, "get_new_notifs") is None:
-                raise
 
     def _on_written(self, peer: PrefillPeer, payload: bytes, now: float) -> None:
         """WRITTEN from ``peer``: its WRITEs listed in ``payload`` are DONE, their bytes in place
