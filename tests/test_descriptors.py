@@ -41,14 +41,16 @@ def test_head_slice_rows_are_one_per_layer_page_and_token() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"kvr1:1:0:1:1", b"kvr2:1:0:0:1", b"kvr2:-1:0:0:1:1", b"kvr2:1:0:0:1:2", b"\xff", b"kvr2:a:0:0:1:1"],
+    [b"kvr1:1:0:1:1", b"kvr2:1:0:0:1", b"kvr2:-1:0:0:1:1", b"kvr2:1:0:0:1:4", b"\xff", b"kvr2:a:0:0:1:1"],
 )
 def test_malformed_notifications_are_ignored(raw: bytes) -> None:
     assert parse_notif(raw) is None
 
 
-def test_notifications_round_trip() -> None:
-    assert parse_notif(notif_message(7, 3, 16, 4, True)) == Notif(7, 3, 16, 4, True)
+@pytest.mark.parametrize(("last", "commit"), [(False, False), (True, False), (False, True), (True, True)])
+def test_notifications_round_trip(last: bool, commit: bool) -> None:
+    assert parse_notif(notif_message(7, 3, 16, 4, last, commit)) == Notif(7, 3, 16, 4, last, commit)
+    assert parse_notif(notif_message(7, 3, 16, 4, last)) == Notif(7, 3, 16, 4, last, False)
 
 
 @given(st.lists(st.integers(0, 200), unique=True, max_size=60), st.randoms())

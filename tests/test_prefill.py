@@ -6,6 +6,7 @@ ended on the event under test, well before any deadline.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from kvroom import (
     request_fingerprint,
 )
 from kvroom.fsm import Deadlines
+from kvroom.transport.notif import parse_notifs
 from tests.test_api import make_pool, managers, wait
 
 CFG = ManagerConfig(heartbeat_interval=0.1, heartbeat_timeout=1.0, deadlines=Deadlines(30.0, 30.0, 30.0))
@@ -151,7 +153,8 @@ def test_a_decode_that_aborts_before_its_page_list_fails_the_open_room_at_once(
 
 
 def test_the_coordinator_sends_commit_holding_no_room_lock(pair: tuple[KVManager, KVManager]) -> None:
-    """COMMIT leaves once Success released the room's lock, so no poll() or command waits on a send."""
+    """The commit leaves once Success released the room's lock, so no poll() or command waits on a
+    send.  One rank on each side: it is the last WRITTEN (its notification marked commit)."""
     from tests.test_api import ready_pair
 
     p, d = pair
@@ -160,8 +163,11 @@ def test_the_coordinator_sends_commit_holding_no_room_lock(pair: tuple[KVManager
     send = p.side.server.send
 
     def spy(identity: bytes, kind: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> bool:
-        if kind == "commit" and fields is not None and fields["room"] in rooms:
-            lock = rooms[fields["room"]].room.lock
+        committed = [n.room for n in parse_notifs(payload) if n.commit] if kind == "written" else []
+        if kind == "commit" and fields is not None:
+            committed.append(fields["room"])
+        for room_id in (r for r in committed if r in rooms):
+            lock = rooms[room_id].room.lock
             free = lock.acquire(blocking=False)  # a plain Lock: not re-entrant, so False while held
             if free:
                 lock.release()
@@ -289,3 +295,66 @@ def test_a_refusal_said_before_the_handshake_goes_out_after_it(pair: tuple[KVMan
             tx.failure_exception()
     finally:
         fresh.close()
+
+
+def test_a_room_with_one_rank_on_each_side_commits_in_its_last_written_with_no_vote(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    """Protocol 8: prefill TP 1 to decode TP 1 needs no READY and no COMMIT message."""
+    from tests.test_api import ready_pair
+
+    p, d = pair
+    tx, rx = ready_pair(p, d, 31)
+    sent: list[tuple[str, bool]] = []  # (kind, carries the room's commit), both directions
+    server_send = p.side.server.send
+
+    def prefill_spy(
+        identity: bytes, kind: str, fields: dict[str, Any] | None = None, payload: bytes = b""
+    ) -> bool:
+        sent.append((kind, any(n.room == 31 and n.commit for n in parse_notifs(payload))))
+        return server_send(identity, kind, fields, payload)
+
+    p.side.server.send = prefill_spy  # type: ignore[method-assign]
+    (peer,) = d.side.peers.values()
+    client_send = peer.client.send
+
+    def decode_spy(kind: str, fields: dict[str, Any] | None = None, payload: bytes = b"") -> Any:
+        sent.append((kind, False))
+        return client_send(kind, fields, payload)
+
+    peer.client.send = decode_spy  # type: ignore[method-assign]
+    tx.send([0, 1, 2, 3])
+    assert wait(lambda: rx.poll() is KVPoll.Success and tx.poll() is KVPoll.Success)
+    kinds = [kind for kind, _ in sent if kind not in ("ping", "pong")]
+    assert ("written", True) in sent
+    assert "ready" not in kinds and "commit" not in kinds, kinds
+
+
+def test_a_room_aborted_on_prefill_with_its_write_in_flight_fails_on_both_sides(
+    pair: tuple[KVManager, KVManager],
+) -> None:
+    """The commit is decided when a WRITE is counted DONE: a room Failed by then is announced no more."""
+    from tests.test_api import ready_pair
+
+    p, d = pair
+    tx, rx = ready_pair(p, d, 32)
+    agent = p.side.m.agent
+    write, state = agent.write, agent.state
+    held = threading.Event()
+    held.set()
+
+    def write_in_flight(*args: Any) -> Any:
+        transfer, _ = write(*args)
+        return transfer, "PROC"  # the bytes moved; the worker hears DONE only once released
+
+    agent.write = write_in_flight  # type: ignore[method-assign]
+    agent.state = lambda t: "PROC" if held.is_set() else state(t)  # type: ignore[method-assign]
+    tx.send([0, 1, 2, 3])
+    assert wait(lambda: p.side.active)  # posted, not DONE
+    tx.abort("the scheduler gave up")
+    assert tx.poll() is KVPoll.Failed
+    time.sleep(0.05)  # the decode room is not told while the WRITE may still land
+    assert rx.poll() in (KVPoll.WaitingForInput, KVPoll.Transferring)
+    held.clear()
+    assert wait(lambda: rx.poll() is KVPoll.Failed)
+    assert tx.poll() is KVPoll.Failed

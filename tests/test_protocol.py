@@ -96,7 +96,45 @@ def test_only_the_coordinator_counts_votes_and_each_decode_rank_once() -> None:
     assert other.on(KVPoll.Transferring, Input.READY, "d0").unexpected is not None
     assert other.on(KVPoll.Transferring, Input.COMMIT, "d0").actions == [Fire(Event.COMPLETE, chunks=1)]
     assert other.on(KVPoll.Transferring, Input.COMMIT, "d1").actions == []  # counted once
-    assert coordinator.needed(3) == 3 and other.needed(3) == 1
+    assert coordinator.needed(3, 2) == 3 and other.needed(3, 2) == 1
+    assert not coordinator.alone and not other.alone
+
+
+@pytest.mark.parametrize(
+    ("decode_ranks", "prefill_ranks", "carrier", "alone"),
+    [(1, 1, True, True), (2, 1, True, False), (1, 2, True, False), (1, 1, False, False)],
+)
+def test_only_a_coordinator_with_no_other_rank_on_either_side_commits_alone(
+    decode_ranks: int, prefill_ranks: int, carrier: bool, alone: bool
+) -> None:
+    coordinator = PrefillVerdict(1, True)
+    needed = coordinator.needed(decode_ranks, prefill_ranks, carrier)
+    assert coordinator.alone is alone
+    assert needed == (0 if alone else decode_ranks)  # alone: Success at its own DONE, no vote
+    other = PrefillVerdict(1, False)
+    assert other.needed(decode_ranks, prefill_ranks, carrier) == 1 and not other.alone
+
+
+def test_the_only_sources_commit_with_its_bytes_ends_an_expecting_or_failing_room_in_success() -> None:
+    solo = DecodeVerdict(4, ("p0",))
+    solo.sent, solo.writers = True, frozenset({"p0"})
+    assert solo.on(KVPoll.Transferring, Input.COMMITTED_DATA, "p0").actions == [
+        Fire(Event.COMPLETE, chunks=1)
+    ]
+    # failing (an abort request is out) when the commit arrives: the coordinator committed first
+    failing = DecodeVerdict(5, ("p0",))
+    failing.sent, failing.writers = True, frozenset({"p0"})
+    assert failing.on(KVPoll.Transferring, Input.LOCAL_ABORT, reason="bye").actions == [
+        Send("p0", Msg.ABORT, "bye")
+    ]
+    assert failing.phase(KVPoll.Transferring) is DecodePhase.CONFIRMING
+    assert failing.on(KVPoll.Transferring, Input.COMMITTED_DATA, "p0").actions == [
+        Fire(Event.COMPLETE, chunks=1)
+    ]
+    # only from the coordinator, and never before the page list left or after a vote
+    assert solo.on(KVPoll.Transferring, Input.COMMITTED_DATA, None).unexpected is not None
+    early = DecodeVerdict(6, ("p0",))
+    assert early.on(KVPoll.Bootstrapping, Input.COMMITTED_DATA, "p0").unexpected is not None
 
 
 def test_a_committed_coordinator_cannot_be_failed_and_a_delivered_follower_waits() -> None:
@@ -136,5 +174,8 @@ def test_tables_name_only_declared_reactions() -> None:
         (PrefillPhase.DELIVERED, Input.READY, True)
     }
     assert {k for k, r in DECODE_TABLE.items() if r is Reaction.SUCCEED} == {
-        (DecodePhase.VOTED, Input.COMMIT, Sender.COORDINATOR)
+        (DecodePhase.VOTED, Input.COMMIT, Sender.COORDINATOR),
+        (DecodePhase.EXPECTING, Input.COMMITTED_DATA, Sender.COORDINATOR),  # one rank on each side
+        (DecodePhase.VOTED, Input.COMMITTED_DATA, Sender.COORDINATOR),
+        (DecodePhase.CONFIRMING, Input.COMMITTED_DATA, Sender.COORDINATOR),
     }

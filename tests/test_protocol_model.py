@@ -1,5 +1,10 @@
 """The room protocol, sans-I/O: one prefill (the coordinator) and 1-3 decode ranks.
 
+With one decode rank the prefill commits alone (protocol 8): the announcement
+of its last WRITE, sent at DONE once counted and only if the room has not
+Failed, is the commit, and travels in order on the control link (the other
+announcements stay looser); with more, the votes and COMMIT decide.
+
 Every rank runs the real room table (:mod:`kvroom.fsm`) and the real per-room
 protocol (:mod:`kvroom.protocol.rooms`); only the wire is simulated: FIFO
 control links per direction, WRITEs that land before their handle reports
@@ -80,6 +85,7 @@ class Model(RuleBasedStateMachine):
         self.tombstones: set[int] = set()
         self.arrived: collections.Counter[tuple[str, int]] = collections.Counter()
         self.ended: set[tuple[str, int]] = set()
+        self.commit_seen: set[tuple[str, int]] = set()  # commit announcements decode ranks saw
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -147,8 +153,9 @@ class Model(RuleBasedStateMachine):
             return
         if room.state is KVPoll.Success:
             self.committed.add(room.id)
-            for d in room.peers:
-                self.send(P, d, Msg.COMMIT, room.id)
+            if not self.verdict(P, room.id).alone:  # alone, the last WRITTEN carries the commit
+                for d in room.peers:
+                    self.send(P, d, Msg.COMMIT, room.id)
         elif room.state is KVPoll.Failed:
             self.tombstones.add(room.id)
             self.pending_failed.setdefault(room.id, set(room.peers))
@@ -217,6 +224,9 @@ class Model(RuleBasedStateMachine):
             self.decode_input(name, room, Input.FAILED, P)
         elif msg is Msg.COMMIT:
             self.decode_input(name, room, Input.COMMIT, P)
+        elif msg is Msg.WRITTEN:  # only the commit travels here (see complete)
+            self.commit_seen.add((name, room_id))
+            self.all_in(name, room)
 
     def decode_loses(self, name: str, peer: str) -> None:
         rank = self.ranks[name]
@@ -266,7 +276,7 @@ class Model(RuleBasedStateMachine):
         self.ranks[P].table.fire(room, Event.SEND, self.tick())
         verdict = self.verdict(P, room_id)
         targets = [d for d in room.peers if d not in self.ranks[P].forgotten]
-        room.chunks_needed += len(targets) * self.chunks + verdict.needed(len(room.peers))
+        room.chunks_needed += len(targets) * self.chunks + verdict.needed(len(room.peers), 1, bool(targets))
         self.prefill_input(room, Input.DELIVERED)
         for i, d in enumerate(targets):
             for c in range(self.chunks):
@@ -324,7 +334,7 @@ class Model(RuleBasedStateMachine):
         room = self.ranks[w.dst].table.get(w.room)
         if room is None or room.state is KVPoll.Failed:
             self.landed_in_failed.append((w.dst, w.room))
-        self.notifs[w.dst].append(w)
+        self.notifs[w.dst].append(w)  # announcements may arrive as soon as the bytes landed
 
     @rule(data=st.data())
     def write_done(self, data: st.DataObject) -> None:
@@ -367,6 +377,14 @@ class Model(RuleBasedStateMachine):
             before = room.state
             self.ranks[P].table.fire(room, Event.COMPLETE, self.tick(), chunks=1, aux=w.ends_room)
             self.after_transition(P, room, before)
+            if (
+                room.state is KVPoll.Success
+                and before is not KVPoll.Success
+                and self.verdict(P, w.room).alone
+            ):
+                # committed alone: the commit rides on this WRITE's announcement, sent at DONE
+                # on the control link (the model lets the other announcements arrive earlier)
+                self.send(P, w.dst, Msg.WRITTEN, w.room)
 
     # -- rules: stalls and deaths -------------------------------------------------------
 
@@ -514,7 +532,15 @@ class Model(RuleBasedStateMachine):
         self.ranks[name].table.fire(
             room, Event.CHUNK_ARRIVED, self.tick(), chunks=1, aux=P in verdict.finished
         )
-        if P in verdict.finished and room.chunks_done >= room.chunks_needed - 1:
+        self.all_in(name, room)
+
+    def all_in(self, name: str, room: Room) -> None:
+        """Every byte of the room is in place at decode rank ``name``: vote, or take the commit."""
+        if P not in self.verdict(name, room.id).finished or room.chunks_done < room.chunks_needed - 1:
+            return
+        if (name, room.id) in self.commit_seen:
+            self.decode_input(name, room, Input.COMMITTED_DATA, P)
+        else:
             self.decode_input(name, room, Input.ALL_DATA_IN)
 
     @invariant()
@@ -553,3 +579,54 @@ Model.TestCase.settings = settings(
     max_examples=1000, stateful_step_count=50, deadline=None, suppress_health_check=list(HealthCheck)
 )
 TestProtocolModel = Model.TestCase
+
+
+def _alone_room_posted(chunks: int = 1) -> Model:
+    """One decode rank: the page list reached the prefill and its WRITEs are posted."""
+    model = Model()
+    model.setup(n=1, chunks=chunks)
+    model.decode_sends_metadata("D0", 1)
+    model.receive_next("D0", P)
+    model.prefill_sends(1)
+    assert model.verdict(P, 1).alone and len(model.writes) == chunks
+    return model
+
+
+def test_a_room_that_fails_on_prefill_before_its_done_never_announces_the_commit() -> None:
+    model = _alone_room_posted()
+    model.land_write(model.writes[0])
+    model.prefill_input(model.live_room(P, 1), Input.LOCAL_ABORT)  # aborted with the WRITE in flight
+    model.complete(model.writes[0])
+    assert not model.links[(P, "D0")]  # the last WRITE is DONE, but the room Failed: no commit
+    model.flush_failed()
+    model.receive_next(P, "D0")
+    assert model.live_room("D0", 1) is None  # Failed, and cleaned up
+    model.teardown()
+
+
+def test_a_decode_that_gave_up_after_the_commit_left_still_ends_in_success() -> None:
+    model = _alone_room_posted()
+    model.land_write(model.writes[0])
+    model.complete(model.writes[0])
+    assert model.live_room(P, 1).state is KVPoll.Success
+    assert list(model.links[(P, "D0")]) == [(Msg.WRITTEN, 1, "")]  # the commit, and no COMMIT message
+    model.decode_input("D0", model.live_room("D0", 1), Input.DEADLINE)  # asks for an abort ...
+    model.receive_next("D0", P)  # ... which the committed prefill ignores
+    model.receive_next(P, "D0")  # the commit arrives (here before its WRITE's bytes are counted)
+    assert model.live_room("D0", 1).state is not KVPoll.Success  # the bytes are not counted yet
+    model.notify_one("D0")
+    assert model.live_room("D0", 1).state is KVPoll.Success
+    model.teardown()
+
+
+def test_the_last_posted_write_done_first_does_not_commit_a_room_that_then_fails() -> None:
+    model = _alone_room_posted(chunks=2)
+    first, last = model.writes
+    for w in (first, last):
+        model.land_write(w)
+    model.complete(last)  # the room's last WRITE is DONE before its first
+    assert model.live_room(P, 1).state is KVPoll.Transferring and not model.links[(P, "D0")]
+    model.prefill_input(model.live_room(P, 1), Input.DEADLINE)
+    model.complete(first)
+    assert not model.links[(P, "D0")]  # Failed before every WRITE was DONE: no commit, ever
+    model.teardown()  # every announcement arrives: decode votes, and FAILED fails it too

@@ -11,7 +11,8 @@ prefill rank once its WRITEs are DONE: one notification per chunk it wrote, in
 order on its link but in any order across ranks; a rank is finished once it sent
 all its chunks and pages, and once every rank finished and every page landed
 (and was scattered) the room votes READY.  Success waits for the coordinator's
-COMMIT.
+COMMIT, or, where the coordinator is the room's only prefill rank and this its
+only decode rank, comes with its last WRITE's announcement (marked commit).
 """
 
 from __future__ import annotations
@@ -197,6 +198,8 @@ class DecodeRooms(DecodeStaging):
             src.pages_got += n.npages
             if n.last:
                 src.total = n.seq + 1
+            if n.commit and len(room.peers) == 1:  # the only prefill rank committed (protocol 8)
+                src.commits = True
             writes = int(plan.pages.size) if src.pages else 0
             whole = src.total is not None and len(src.seen) >= src.total
             if whole and src.pages_got >= writes and not src.finished:
@@ -210,5 +213,7 @@ class DecodeRooms(DecodeStaging):
         table.fire(room, Event.CHUNK_ARRIVED, now, chunks=n.npages, aux=done)
         with room.lock:  # every page landed (and was scattered): vote; Success waits for the commit
             all_in = done and room.chunks_done >= room.chunks_needed - 1
-        if all_in:
+        if all_in and src.commits:  # it came with the bytes
+            self.react(room, Input.COMMITTED_DATA, peer.address)
+        elif all_in:
             self.react(room, Input.ALL_DATA_IN)

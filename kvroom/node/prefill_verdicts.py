@@ -9,7 +9,9 @@ which asks the room's :class:`~kvroom.protocol.PrefillVerdict` (the table of
 :mod:`kvroom.protocol`: the coordinator (TP rank 0 of PP stage 0) reaches
 Success once its WRITEs completed and every decode rank voted READY, and tells
 them COMMIT (:meth:`PrefillVerdicts.on_transition` decides it, :meth:`PrefillVerdicts.send_commits`
-sends it on the worker as soon as the transition released the room's lock); a
+sends it on the worker as soon as the transition released the room's lock);
+a room with one rank on each side commits at its own DONE instead, in the
+announcement of its last WRITE (:meth:`~kvroom.node.prefill_writes.PrefillWrites._done`); a
 Failed room is told to its decode ranks only once none of its WRITEs can still
 land (drained first), and leaves a tombstone so late page lists for it are
 answered at once.
@@ -82,7 +84,9 @@ class PrefillVerdicts:
         """
         if record.dst is KVPoll.Success and self.coordinator and record.src is not KVPoll.Success:
             room = self.m.table.get(record.room)
-            if room is not None:
+            verdict = self.verdicts.get(record.room)
+            alone = verdict is not None and verdict.alone  # committed in its last WRITTEN instead
+            if room is not None and not alone:
                 peers = room.peers
                 if threading.current_thread() is self.m.worker:  # the usual case: a vote or a DONE
                     # as soon as the transition has let go of the room's lock (send_commits), not a

@@ -5,8 +5,9 @@ that turns a ``send()`` chunk into WRITEs for every decode rank of the room
 (:func:`~kvroom.planning.align_chunk`, then the peer's cached route or the
 staging ring, :mod:`kvroom.node.shares`), queues them in the turn's
 :class:`~kvroom.node.outbox.Outbox`, posts each batch as one NIXL transfer
-(:meth:`PrefillWrites.flush`), and turns DONE into ``WRITTEN`` to decode and
-``COMPLETE`` here, and NIXL faults into protocol inputs.  Only the worker thread runs it.
+(:meth:`PrefillWrites.flush`), and turns DONE into ``COMPLETE`` here and then
+``WRITTEN`` to decode (a room with one rank on each side: its last one commits it),
+and NIXL faults into protocol inputs.  Only the worker thread runs it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvroom.errors import PeerLostError
-from kvroom.fsm import Event
+from kvroom.fsm import Event, KVPoll
 from kvroom.fsm.room import Room
 from kvroom.node.outbox import Batch
 from kvroom.node.prefill_verdicts import PrefillVerdicts
@@ -25,7 +26,7 @@ from kvroom.protocol import Input
 from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify, for_room
 from kvroom.transport.nixl import Transfer
-from kvroom.transport.notif import notif_message
+from kvroom.transport.notif import notif_message, parse_notif
 
 if TYPE_CHECKING:
     from kvroom.node.prefill_state import DecodePeer, SendPlan, TransferInfo
@@ -62,8 +63,11 @@ class PrefillWrites(PrefillVerdicts):
             verdict = self.verdicts.of(room)
             if verdict is None:
                 return
+            layout = self.m.regions.layout
             with room.lock:
-                room.chunks_needed += verdict.needed(len(infos))
+                room.chunks_needed += verdict.needed(
+                    len(infos), layout.tp_size * layout.pp_size, bool(writes)
+                )
             self.react(room, Input.DELIVERED)
         for peer in ends:
             self._notify_end(room, peer, plan)
@@ -174,15 +178,31 @@ class PrefillWrites(PrefillVerdicts):
             self.active.append(transfer)
 
     def _done(self, transfer: Transfer) -> None:
-        """A transfer is DONE: its bytes are in decode's memory; say so (WRITTEN), count its WRITEs."""
+        """A transfer is DONE: its bytes are in decode's memory; count its WRITEs, then say so (WRITTEN).
+
+        Counting first decides each room's state before decode hears of the bytes: a room
+        that commits alone and turned Success here is committed in this WRITTEN (its last
+        entry here, the room's last announcement on the link, is marked commit), and one
+        that Failed meanwhile never is.  Any COMMIT the counts decided goes later in the
+        turn (``send_commits``), after this WRITTEN.
+        """
         self.m.agent.release(transfer)
-        peer = self.by_agent.get(transfer.peer)
-        if peer is not None:
-            self.server.send(peer.identity, "written", payload=transfer.announce)
+        committed: set[int] = set()
         for room_id, ends_room in transfer.rooms:
             room = self.m.table.get(room_id)
-            if room is not None and transfer.peer in room.peers:
-                self.m.fire(room, Event.COMPLETE, chunks=1, aux=ends_room)
+            if room is None or transfer.peer not in room.peers:
+                continue
+            self.m.fire(room, Event.COMPLETE, chunks=1, aux=ends_room)
+            if room.state is KVPoll.Success:  # final: no thread can change it back
+                verdict = self.verdicts.get(room_id)
+                if verdict is not None and verdict.alone:
+                    committed.add(room_id)
+        peer = self.by_agent.get(transfer.peer)
+        if peer is not None:
+            announce = (
+                _commit(transfer.announce, transfer.rooms, committed) if committed else transfer.announce
+            )
+            self.server.send(peer.identity, "written", payload=announce)
 
     def _fault(self, rooms: list[int], peer: DecodePeer, exc: BaseException, what: str, now: float) -> None:
         """A NIXL call for ``rooms`` failed: lose the peer, or fail those rooms (re-raise a bug)."""
@@ -224,3 +244,15 @@ class PrefillWrites(PrefillVerdicts):
                 del self.draining[room_id]
                 for agent in peers:
                     self._notify_failed(agent, room_id, reason)
+
+
+def _commit(announce: bytes, rooms: Sequence[tuple[int, bool]], committed: set[int]) -> bytes:
+    """``announce`` (one notification per entry of ``rooms``) with the last notification of
+    each ``committed`` room marked commit."""
+    parts = announce.split(b";")
+    last = {room: i for i, (room, _) in enumerate(rooms)}
+    for room in committed:
+        n = parse_notif(parts[last[room]])
+        if n is not None:
+            parts[last[room]] = notif_message(n.room, n.seq, n.start, n.npages, n.last, commit=True)
+    return b";".join(parts)

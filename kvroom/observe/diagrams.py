@@ -112,6 +112,10 @@ def render_sequence() -> str:
         if note:
             lines.append(f"    Note over {src},{dst}: {note}")
     lines.append("    Note over decode: Success only on COMMIT; Failed only once no WRITE can land")
+    lines.append(
+        "    Note over decode,prefill0: one rank on each side: no READY and no COMMIT; "
+        "the room's last WRITTEN, marked commit, is the commit"
+    )
     return "\n".join(lines) + "\n"
 
 

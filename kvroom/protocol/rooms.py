@@ -159,9 +159,11 @@ class PrefillVerdict:
 
     ``coordinator``: this rank is prefill rank 0 of the room and decides its
     verdict.  Votes are counted once per decode rank; the relayed commit once.
+    ``alone``: the room has no other rank on either side, so the coordinator
+    commits at its own DONE, in its last WRITTEN (set by :meth:`needed`).
     """
 
-    __slots__ = ("committed", "coordinator", "delivered", "room", "votes")
+    __slots__ = ("alone", "committed", "coordinator", "delivered", "room", "votes")
 
     def __init__(self, room: int, coordinator: bool) -> None:
         self.room = room
@@ -169,9 +171,16 @@ class PrefillVerdict:
         self.delivered = False
         self.votes: set[str] = set()
         self.committed = False
+        self.alone = False
 
-    def needed(self, decode_ranks: int) -> int:
-        """Confirmations Success waits for besides this rank's own WRITEs."""
+    def needed(self, decode_ranks: int, prefill_ranks: int, carrier: bool = True) -> int:
+        """Confirmations Success waits for besides this rank's own WRITEs, as the last chunk
+        is posted: every decode rank's vote (coordinator), the relayed commit (other ranks),
+        or none when one prefill rank writes to one decode rank and the last chunk has a
+        WRITE whose announcement can carry the commit (``carrier``): it then commits alone."""
+        self.alone = self.coordinator and prefill_ranks == 1 and decode_ranks == 1 and carrier
+        if self.alone:
+            return 0
         return decode_ranks if self.coordinator else 1
 
     def phase(self, state: KVPoll) -> PrefillPhase:

@@ -41,6 +41,24 @@ needs; the verdict moves over the ZMQ control plane::
   and prefill fails only its room for that request, now or as it opens.  That
   ABORT is outside every room's table here and is never answered.
 
+One writer, one reader.  When the room has one prefill rank (it is the
+coordinator and the only source) and one decode rank, the votes would only
+echo what the coordinator already knows at its own DONE, so it commits there:
+the announcement of the WRITE whose completion made it Success carries the
+commit (the room's last on the link), and a room that Failed is announced no
+more::
+
+    decode                                 prefill (the only rank)
+      ROOM (page list)   ------------------>
+                        <=== NIXL WRITEs ===
+                        <------------------   WRITTEN, the room's last marked commit:
+      every byte in place and committed:      Success at its own DONE, no READY,
+      Success (COMMITTED_DATA)                no COMMIT message
+
+  A decode rank that is failing (it asked for an abort and waits for its
+  source) still turns Success on that announcement: the coordinator committed
+  before the abort reached it.  Any other room keeps the votes.
+
 So, while every process keeps running, a room ends Success on every rank of
 both sides or Failed on every rank of both sides.  When a process dies, the
 rooms not yet committed end Failed on every surviving rank; a room the
@@ -128,6 +146,7 @@ class Input(str, enum.Enum):
     FAILED = "FAILED"
     # local facts
     ALL_DATA_IN = "all bytes in place"  # decode: every source finished, every page landed
+    COMMITTED_DATA = "all bytes in place, committed"  # decode: ALL_DATA_IN, the only source's commit with it
     DELIVERED = "last chunk posted"  # prefill: this rank's share is on its way
     WRITE_ERROR = "WRITE error"  # prefill: NIXL raised for one of the room's WRITEs
     PEER_LOST = "peer lost"  # heartbeat silence, NIXL disconnect, UNKNOWN, or a reject
@@ -214,8 +233,10 @@ DECODE_TABLE: dict[tuple[DecodePhase, Input, Sender], Reaction] = {
     (_E, Input.DEADLINE, _LO): R.FAIL_AFTER_CONFIRM,
     (_E, Input.LOCAL_ABORT, _LO): R.FAIL_AFTER_CONFIRM,
     (_E, Input.ALL_DATA_IN, _LO): R.VOTE,
+    (_E, Input.COMMITTED_DATA, _CO): R.SUCCEED,  # one writer, one reader: its last WRITTEN commits
     # voted: every source finished, so nothing can land; only the coordinator decides
     (_V, Input.COMMIT, _CO): R.SUCCEED,
+    (_V, Input.COMMITTED_DATA, _CO): R.SUCCEED,  # voted on bytes whose commit came after them
     (_V, Input.FAILED, _CO): R.FAIL,
     (_V, Input.PEER_LOST, _CO): R.FAIL,
     (_V, Input.FAILED, _OT): R.ASK_COORDINATOR,
@@ -228,6 +249,7 @@ DECODE_TABLE: dict[tuple[DecodePhase, Input, Sender], Reaction] = {
     (_C, Input.PEER_LOST, _CO): R.CONFIRM,
     (_C, Input.PEER_LOST, _OT): R.CONFIRM,
     (_C, Input.ALL_DATA_IN, _LO): R.IGNORE,  # too late: the room is failing
+    (_C, Input.COMMITTED_DATA, _CO): R.SUCCEED,  # the commit overtook our abort request
     (_C, Input.DEADLINE, _LO): R.IGNORE,  # the confirmation has its own bound
     (_C, Input.LOCAL_ABORT, _LO): R.IGNORE,
 }

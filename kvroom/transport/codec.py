@@ -16,9 +16,9 @@ from kvroom.transport.notif import parse_notifs
 
 __all__ = ["MAGIC", "VERSION", "Message", "encode", "decode", "SCHEMA", "MAX_HEADER_BYTES"]
 
-VERSION = 7  # 4: hello/welcome carry planning layouts + regions, room state indices; 5: room fingerprint;
+VERSION = 8  # 4: hello/welcome carry planning layouts + regions, room state indices; 5: room fingerprint;
 # 6: an abort may name the request (fingerprint) it is for; 7: WRITEs are announced by ``written``, not
-# by NIXL notifications
+# by NIXL notifications; 8: a room with one rank on each side commits in its last ``written``
 MAGIC = b"KVR" + bytes([VERSION])
 MAX_HEADER_BYTES = 64 * 1024
 MAX_FINGERPRINT = 128  # characters of a room message's request fingerprint

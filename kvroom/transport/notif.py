@@ -7,8 +7,10 @@ NIXL completes a transfer only after the target's own progress).
 ``kvr2:room:seq:start:npages:last``: the WRITE numbered ``seq`` (per room
 and decode rank, from 0) of one prefill rank filled pages ``start..start+npages``
 of the decode rank's page list (0 pages for state and aux rows); ``last``
-marks the final WRITE of that prefill rank's share, so its ``seq + 1`` is how
-many WRITEs the share took, whatever order the notifications arrive in.
+(bit 1) marks the final WRITE of that prefill rank's share, so its ``seq + 1`` is how
+many WRITEs the share took, whatever order the notifications arrive in.  Bit 2
+marks the coordinator's commit, sent with the last announcement of a room that
+has one rank on each side (:mod:`kvroom.protocol.spec`).
 
 One NIXL transfer may carry several WRITEs (prefill's outbox joins a worker
 turn's WRITEs to one decode agent): its WRITTEN lists theirs joined by ``;``,
@@ -22,10 +24,10 @@ from typing import NamedTuple
 __all__ = ["Notif", "notif_message", "parse_notif", "parse_notifs"]
 
 
-def notif_message(room: int, seq: int, start: int, npages: int, last: bool) -> bytes:
+def notif_message(room: int, seq: int, start: int, npages: int, last: bool, commit: bool = False) -> bytes:
     """The notification of WRITE ``seq`` of a share: pages ``start..start+npages`` arrived;
-    ``last`` ends the share."""
-    return f"kvr2:{room}:{seq}:{start}:{npages}:{int(last)}".encode()
+    ``last`` ends the share; ``commit`` commits the room."""
+    return f"kvr2:{room}:{seq}:{start}:{npages}:{int(last) | 2 * int(commit)}".encode()
 
 
 class Notif(NamedTuple):
@@ -36,6 +38,7 @@ class Notif(NamedTuple):
     start: int
     npages: int
     last: bool
+    commit: bool = False
 
 
 def parse_notif(msg: bytes) -> Notif | None:
@@ -45,9 +48,10 @@ def parse_notif(msg: bytes) -> Notif | None:
         room, seq, start, npages = (int(x) for x in numbers)
     except (UnicodeDecodeError, ValueError):
         return None
-    if tag != "kvr2" or min(room, seq, start, npages) < 0 or last not in ("0", "1"):
+    if tag != "kvr2" or min(room, seq, start, npages) < 0 or last not in ("0", "1", "2", "3"):
         return None
-    return Notif(room, seq, start, npages, last == "1")
+    flags = int(last)
+    return Notif(room, seq, start, npages, bool(flags & 1), bool(flags & 2))
 
 
 def parse_notifs(msg: bytes) -> list[Notif]:
