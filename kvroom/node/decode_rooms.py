@@ -178,39 +178,54 @@ class DecodeRooms(DecodeStaging):
 
     def _on_written(self, peer: PrefillPeer, payload: bytes, now: float) -> None:
         """WRITTEN from ``peer``: its WRITEs listed in ``payload`` are DONE, their bytes in place
-        (the codec refused a payload that does not parse)."""
-        for chunk in parse_notifs(payload):
-            self._on_chunk(peer, chunk, now)
+        (the codec refused a payload that does not parse).  Each room's notifications in it
+        are taken together: one lock, one progress event, one look at the verdict."""
+        notifs = parse_notifs(payload)
+        if len(notifs) == 1:
+            self._on_chunks(peer, notifs[0].room, notifs, now)
+            return
+        by_room: dict[int, list[Notif]] = {}
+        for n in notifs:
+            by_room.setdefault(n.room, []).append(n)
+        for room_id, mine in by_room.items():
+            self._on_chunks(peer, room_id, mine, now)
 
-    def _on_chunk(self, peer: PrefillPeer, n: Notif, now: float) -> None:
+    def _on_chunks(self, peer: PrefillPeer, room_id: int, notifs: list[Notif], now: float) -> None:
         table = self.m.table
-        room = table.get(n.room)
+        room = table.get(room_id)
         if room is None or peer.address not in room.peers:
             return
-        plan = self.plans.get(n.room)
+        plan = self.plans.get(room_id)
+        arrived: list[Notif] = []
         with room.lock:
             src = plan.sources.get(peer.address) if plan is not None else None
-            if plan is None or src is None or n.seq in src.seen or not room.live:
+            if plan is None or src is None or not room.live:
                 return
-            if n.npages and n.start + n.npages > (plan.pages.size if src.pages else 0):
-                return  # malformed: more pages than this rank may write
-            src.seen.add(n.seq)
-            src.pages_got += n.npages
-            if n.last:
-                src.total = n.seq + 1
-            if n.commit and len(room.peers) == 1:  # the only prefill rank committed (protocol 8)
-                src.commits = True
-            writes = int(plan.pages.size) if src.pages else 0
+            limit = plan.pages.size if src.pages else 0
+            for n in notifs:
+                if n.seq in src.seen or (n.npages and n.start + n.npages > limit):
+                    continue  # a duplicate, or malformed: more pages than this rank may write
+                src.seen.add(n.seq)
+                src.pages_got += n.npages
+                if n.last:
+                    src.total = n.seq + 1
+                if n.commit and len(room.peers) == 1:  # the only prefill rank committed (protocol 8)
+                    src.commits = True
+                arrived.append(n)
+            if not arrived:
+                return
             whole = src.total is not None and len(src.seen) >= src.total
-            if whole and src.pages_got >= writes and not src.finished:
+            if whole and src.pages_got >= limit and not src.finished:
                 src.finished = True  # notifications can overtake each other: only now is it done
                 verdict = self.verdicts.get(room.id)
                 if verdict is not None:
                     verdict.finished.add(peer.address)
             done = all(s.finished for s in plan.sources.values())  # every prefill rank ended
-        if src.staged and n.npages:
-            self._scatter(room, plan, src, peer.address, n)
-        table.fire(room, Event.CHUNK_ARRIVED, now, chunks=n.npages, aux=done)
+        if src.staged:
+            for n in arrived:
+                if n.npages:
+                    self._scatter(room, plan, src, peer.address, n)
+        table.fire(room, Event.CHUNK_ARRIVED, now, chunks=sum(n.npages for n in arrived), aux=done)
         with room.lock:  # every page landed (and was scattered): vote; Success waits for the commit
             all_in = done and room.chunks_done >= room.chunks_needed - 1
         if all_in and src.commits:  # it came with the bytes
