@@ -44,9 +44,9 @@ needs; the verdict moves over the ZMQ control plane::
 One writer, one reader.  When the room has one prefill rank (it is the
 coordinator and the only source) and one decode rank, the votes would only
 echo what the coordinator already knows at its own DONE, so it commits there:
-the announcement of the WRITE whose completion made it Success carries the
-commit (the room's last on the link), and a room that Failed is announced no
-more::
+the announcement of the transfer whose completion made it Success carries the
+commit (the room's last announcement on the link), so a room that Failed
+first is never committed::
 
     decode                                 prefill (the only rank)
       ROOM (page list)   ------------------>

@@ -9,8 +9,9 @@ and decode rank, from 0) of one prefill rank filled pages ``start..start+npages`
 of the decode rank's page list (0 pages for state and aux rows); ``last``
 (bit 1) marks the final WRITE of that prefill rank's share, so its ``seq + 1`` is how
 many WRITEs the share took, whatever order the notifications arrive in.  Bit 2
-marks the coordinator's commit, sent with the last announcement of a room that
-has one rank on each side (:mod:`kvroom.protocol.spec`).
+marks the coordinator's commit of a room with one rank on each side, on the
+room's last announcement: the one sent once its last WRITE was DONE
+(:mod:`kvroom.protocol.spec`).
 
 One NIXL transfer may carry several WRITEs (prefill's outbox joins a worker
 turn's WRITEs to one decode agent): its WRITTEN lists theirs joined by ``;``,
