@@ -138,10 +138,11 @@ def test_stopped_decode_is_failed_by_deadlines(
     # each room fails within its (longest, 3 s) deadline of the stop, or of its creation if later
     late = [r for r in failed if r.finished - max(r.started, stopped_at) >= lag.bound(3.0 + 1.5)]
     assert not late, (lag.worst, [(r.room, r.finished - max(r.started, stopped_at), r.error) for r in late])
-    # That rooms caught mid-transfer fail by prefill's Transferring deadline (over TCP the WRITE into
-    # the stopped process stays in PROC; by cma decode cannot vote) is asserted for every room, both
-    # transports, 20 rounds, in tests/test_stalls.py, where the stop is sure to catch rooms mid-transfer;
-    # here whether any room is mid-transfer at the stop depends on timing.
+    # What rooms caught mid-transfer do is asserted for every room, both transports, 20 rounds, in
+    # tests/test_stalls.py, where the stop is sure to catch rooms mid-transfer: over TCP the WRITE into
+    # the stopped process stays in PROC and prefill's Transferring deadline fails them; by cma the WRITE
+    # finishes and a one-rank room commits at DONE (protocol 8), on decode once it resumes.  Here
+    # whether any room is mid-transfer at the stop depends on timing.
     assert cluster.wait_until(lambda: len(cluster.outcome("decode")) == 40, 30)
     cluster.finish()
     decode_rooms = cluster.outcome("decode")  # one verdict per room on both sides

@@ -210,6 +210,11 @@ class ConnectorServer:
         with self.lock:
             return dict(self.connector.worker.stats["failures"])
 
+    def ended(self) -> dict[str, int]:
+        """Rooms ended, by final state, since the connector started."""
+        with self.lock:
+            return dict(self.connector.worker.stats["ended"])
+
     def break_next_write(self) -> None:
         """The next NIXL transfer() fails to start with a real NIXL backend error."""
         from nixl._bindings import nixlBackendError
@@ -227,8 +232,8 @@ class ConnectorServer:
 class Worker(Rank):
     """The test's end of one worker process (a :class:`~tests.ranks.Rank` serving a connector)."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name, server=ConnectorServer)
+    def __init__(self, name: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(name, env, server=ConnectorServer)
 
     def call(self, method: str, *args: Any, timeout: float = 120.0, **kwargs: Any) -> Any:
         """Run ``method`` in the process (a connector step may take longer than a rank call)."""
