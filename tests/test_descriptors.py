@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kvroom.node.prefill import Notif, notif_message, parse_notif
 from kvroom.transport.descriptors import page_runs, row_descriptors, run_descriptors, validate_pages
+from kvroom.transport.notif import mark_commits
 
 
 def test_runs_break_where_either_side_breaks() -> None:
@@ -93,3 +94,10 @@ def test_duplicates_are_found_in_short_and_long_page_lists(size: int) -> None:
         bad[i] = bad[j]
         with pytest.raises(ValueError, match="duplicate page indices"):
             validate_pages(bad, size, "r")
+
+
+def test_marking_commits_changes_only_the_named_notifications() -> None:
+    joined = b";".join(notif_message(r, s, 0, 2, s == 1) for r, s in [(7, 0), (7, 1), (8, 0)])
+    marked = [parse_notif(part) for part in mark_commits(joined, [1]).split(b";")]
+    assert marked == [Notif(7, 0, 0, 2, False), Notif(7, 1, 0, 2, True, True), Notif(8, 0, 0, 2, False)]
+    assert mark_commits(joined, []) == joined

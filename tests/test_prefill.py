@@ -333,7 +333,7 @@ def test_a_room_with_one_rank_on_each_side_commits_in_its_last_written_with_no_v
 def test_a_room_aborted_on_prefill_with_its_write_in_flight_fails_on_both_sides(
     pair: tuple[KVManager, KVManager],
 ) -> None:
-    """The commit is decided when a WRITE is counted DONE: a room Failed by then is announced no more."""
+    """The commit is decided when a WRITE is counted DONE: a room Failed by then is never marked committed."""
     from tests.test_api import ready_pair
 
     p, d = pair

@@ -1,9 +1,10 @@
 """The room protocol, sans-I/O: one prefill (the coordinator) and 1-3 decode ranks.
 
 With one decode rank the prefill commits alone (protocol 8): the announcement
-of its last WRITE, sent at DONE once counted and only if the room has not
-Failed, is the commit, and travels in order on the control link (the other
-announcements stay looser); with more, the votes and COMMIT decide.
+of the WRITE whose completion made the room Success, sent at DONE once
+counted, is the commit (a room that Failed first never gets one), and travels
+in order on the control link (the other announcements stay looser); with
+more, the votes and COMMIT decide.
 
 Every rank runs the real room table (:mod:`kvroom.fsm`) and the real per-room
 protocol (:mod:`kvroom.protocol.rooms`); only the wire is simulated: FIFO

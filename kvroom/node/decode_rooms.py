@@ -12,7 +12,7 @@ order on its link but in any order across ranks; a rank is finished once it sent
 all its chunks and pages, and once every rank finished and every page landed
 (and was scattered) the room votes READY.  Success waits for the coordinator's
 COMMIT, or, where the coordinator is the room's only prefill rank and this its
-only decode rank, comes with its last WRITE's announcement (marked commit).
+only decode rank, comes with the room's last announcement (marked commit).
 """
 
 from __future__ import annotations
@@ -180,12 +180,8 @@ class DecodeRooms(DecodeStaging):
         """WRITTEN from ``peer``: its WRITEs listed in ``payload`` are DONE, their bytes in place
         (the codec refused a payload that does not parse).  Each room's notifications in it
         are taken together: one lock, one progress event, one look at the verdict."""
-        notifs = parse_notifs(payload)
-        if len(notifs) == 1:
-            self._on_chunks(peer, notifs[0].room, notifs, now)
-            return
         by_room: dict[int, list[Notif]] = {}
-        for n in notifs:
+        for n in parse_notifs(payload):
             by_room.setdefault(n.room, []).append(n)
         for room_id, mine in by_room.items():
             self._on_chunks(peer, room_id, mine, now)

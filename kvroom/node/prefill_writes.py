@@ -26,7 +26,7 @@ from kvroom.protocol import Input
 from kvroom.transport.descriptors import IntArray
 from kvroom.transport.faults import classify, for_room
 from kvroom.transport.nixl import Transfer
-from kvroom.transport.notif import notif_message, parse_notif
+from kvroom.transport.notif import mark_commits, notif_message
 
 if TYPE_CHECKING:
     from kvroom.node.prefill_state import DecodePeer, SendPlan, TransferInfo
@@ -199,9 +199,10 @@ class PrefillWrites(PrefillVerdicts):
                     committed.add(room_id)
         peer = self.by_agent.get(transfer.peer)
         if peer is not None:
-            announce = (
-                _commit(transfer.announce, transfer.rooms, committed) if committed else transfer.announce
-            )
+            announce = transfer.announce
+            if committed:  # each committed room's last notification here
+                last = {room: i for i, (room, _) in enumerate(transfer.rooms)}
+                announce = mark_commits(announce, (last[room] for room in committed))
             self.server.send(peer.identity, "written", payload=announce)
 
     def _fault(self, rooms: list[int], peer: DecodePeer, exc: BaseException, what: str, now: float) -> None:
@@ -244,15 +245,3 @@ class PrefillWrites(PrefillVerdicts):
                 del self.draining[room_id]
                 for agent in peers:
                     self._notify_failed(agent, room_id, reason)
-
-
-def _commit(announce: bytes, rooms: Sequence[tuple[int, bool]], committed: set[int]) -> bytes:
-    """``announce`` (one notification per entry of ``rooms``) with the last notification of
-    each ``committed`` room marked commit."""
-    parts = announce.split(b";")
-    last = {room: i for i, (room, _) in enumerate(rooms)}
-    for room in committed:
-        n = parse_notif(parts[last[room]])
-        if n is not None:
-            parts[last[room]] = notif_message(n.room, n.seq, n.start, n.npages, n.last, commit=True)
-    return b";".join(parts)

@@ -65,7 +65,7 @@ class Source:
     pages_got: int = 0
     total: int | None = None  # WRITEs of its share, known from its last notification
     finished: bool = False  # every WRITE it makes arrived: it can write no more
-    commits: bool = False  # its last notification also commits the room (the room's only rank)
+    commits: bool = False  # a notification of it committed the room (it is the room's only rank)
 
     @property
     def ended(self) -> bool:

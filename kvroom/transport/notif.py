@@ -20,9 +20,10 @@ and :func:`parse_notifs` returns each.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ["Notif", "notif_message", "parse_notif", "parse_notifs"]
+__all__ = ["Notif", "mark_commits", "notif_message", "parse_notif", "parse_notifs"]
 
 
 def notif_message(room: int, seq: int, start: int, npages: int, last: bool, commit: bool = False) -> bytes:
@@ -64,3 +65,13 @@ def parse_notifs(msg: bytes) -> list[Notif]:
             return []
         out.append(one)
     return out
+
+
+def mark_commits(msg: bytes, at: Iterable[int]) -> bytes:
+    """``msg`` (notifications joined by ``;``) with the notifications at positions ``at`` marked commit."""
+    parts = msg.split(b";")
+    for i in at:
+        n = parse_notif(parts[i])
+        if n is not None:
+            parts[i] = notif_message(n.room, n.seq, n.start, n.npages, n.last, commit=True)
+    return b";".join(parts)
