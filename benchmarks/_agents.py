@@ -121,3 +121,14 @@ def polled_write_ms(nbytes: int, tick: float, repeat: int = 100) -> float:
     notification, that target polling NIXL every ``tick`` seconds (what a worker that cannot
     spin a core sees of a WRITE)."""
     return remote_write_ms(nbytes, tick, repeat)[1]
+
+
+def announced_write_ms(nbytes: int, repeat: int = 100) -> float:
+    """p50 from posting one WRITE of ``nbytes`` to a target in another process hearing of it in a
+    ZMQ message sent at DONE, while it waits on its socket: how kvroom's decode learns of one."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the target to bind
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    return remote_write_ms(nbytes, 0.0, repeat, port=port, warmup=5, gap=0.003)[1]

@@ -12,10 +12,14 @@ clock, the proxy's ``--trace`` and kvroom's audit events (one monotonic clock): 
 prefill forward (to prefill's room opening, the step after the forward), prefill response (to
 the proxy), decode admission (to decode's room opening), page list (to prefill's
 WaitingForInput), send (prefill's worker sends), WRITE (to decode seeing the bytes: its
-Transferring), completion report (READY and COMMIT: decode's Success) and first token (decode's
-next steps and the stream, to the client). A raw NIXL WRITE of one request's KV bytes is timed
+Transferring), completion report (to decode's Success: here, one rank a side, the commit came
+with the bytes; with more ranks READY and COMMIT go between) and first token (decode's
+next steps and the stream, to the client); the WRITE step is split at prefill's DONE (its
+Success: a one-rank room commits there) into prefill's posting and copy and the WRITTEN's hop to
+decode (``write_split_ms``). A raw NIXL WRITE of one request's KV bytes is timed
 beside it: in this process with both agents spinning, and to a target in another process that
-polls NIXL at kvroom's busy tick.
+polls NIXL at kvroom's busy tick, and to one that waits on a ZMQ socket for a message sent at
+DONE, as kvroom's decode learns of its bytes.
 
     .venv-vllm-cpu/bin/python benchmarks/vllm_pd.py [--rounds 2] [--modes single kvroom nixl]
         [--order concurrent|sequential] [--no-pin] [--json]
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _agents import local_pair, polled_write_ms
+from _agents import announced_write_ms, local_pair, polled_write_ms
 
 from kvroom import ManagerConfig
 from kvroom.demo.vllm.client import Completion, complete_all
@@ -87,7 +91,7 @@ STEPS = {
         ("page_list", "d.created", "p.WaitingForInput"),  # decode's page list reaches prefill
         ("send", "p.WaitingForInput", "p.Transferring"),  # prefill's worker sends the room's blocks
         ("write", "p.Transferring", "d.Transferring"),  # WRITE posted to decode seeing the bytes in
-        ("completion_report", "d.Transferring", "d.Success"),  # READY to prefill, its COMMIT back
+        ("completion_report", "d.Transferring", "d.Success"),  # the commit in the WRITTEN (or READY, COMMIT)
         ("first_token", "d.Success", "client first token"),  # decode's next steps, stream to client
     ),
     # decode's request leaves beside prefill's: its admission and page list run during prefill's
@@ -103,10 +107,19 @@ STEPS = {
     ),
 }
 
+# The "write" step in two (TP 1 to TP 1, so each room commits at prefill's DONE, protocol 8, and
+# prefill's Success is that DONE): prefill's worker plans, posts and copies to its DONE, then the
+# WRITTEN that commits the room reaches decode's worker.  Not consecutive with STEPS: they split one.
+WRITE_PARTS = (
+    ("to_prefill_done", "p.Transferring", "p.Success"),
+    ("written_to_decode", "p.Success", "d.Transferring"),
+)
+
 
 def _breakdown(stack: Stack, sent: list[float], got: list[Completion]) -> dict[str, float]:
-    """kvroom, one request at a time: where the time to first token goes (ms, medians of STEPS)."""
-    steps = STEPS[stack.order]
+    """kvroom, one request at a time: where the time to first token goes (ms, medians of STEPS),
+    and of WRITE_PARTS."""
+    steps = (*STEPS[stack.order], *WRITE_PARTS)
     pre_log, dec_log, proxy = stack.engine("prefill"), stack.engine("decode"), stack.engine("proxy")
     assert pre_log is not None and dec_log is not None and proxy is not None
     settle = time.monotonic() + 5.0  # the engines write audit lines from a background thread
@@ -225,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                     reference[round_no] = [c.tokens for c in got]
                 one = _figures(got, wall, reference.get(round_no))
                 if mode == "kvroom":
-                    one["ttft_breakdown_ms"] = _breakdown(stack, sent, got)
+                    parts = _breakdown(stack, sent, got)
+                    split = {name: parts.pop(name) for name, _, _ in WRITE_PARTS if name in parts}
+                    one["ttft_breakdown_ms"], one["write_split_ms"] = parts, split
                 start = time.monotonic()
                 many = asyncio.run(complete_all(stack.url, prompts, TOKENS, concurrency=16))
                 burst = _figures(many, time.monotonic() - start, reference.get(round_no))
@@ -238,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw_nixl_write_ms_p50": round(_raw_write_ms(), 3),
         # the same WRITE seen by a target in another process polling at kvroom's busy tick
         "raw_nixl_write_polled_ms_p50": round(polled_write_ms(KV_BYTES, TICK), 3),
+        # and by a target waiting on a ZMQ socket for a message sent at DONE (kvroom's decode's way)
+        "raw_nixl_write_announced_ms_p50": round(announced_write_ms(KV_BYTES), 3),
         "kv_bytes_per_request": KV_BYTES,
         "rounds": args.rounds,
         "binding": {"single": 0, "prefill": 0, "decode": 1, "whole_server": args.pin},
@@ -262,10 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     kv = summary["modes"].get("kvroom", {}).get("1", {})
     if "ttft_breakdown_ms" in kv:
         print(f"kvroom TTFT breakdown (ms, one at a time): {kv['ttft_breakdown_ms']}")
+        print(f"kvroom write step split (ms): {kv.get('write_split_ms')}")
     print(
         f"raw NIXL WRITE of {KV_BYTES} bytes (one request's KV): {summary['raw_nixl_write_ms_p50']} ms "
         f"in one process, both agents spinning; {summary['raw_nixl_write_polled_ms_p50']} ms to a target "
-        f"in another process polling every {TICK * 1000:g} ms (kvroom's busy tick)"
+        f"in another process polling every {TICK * 1000:g} ms (kvroom's busy tick); "
+        f"{summary['raw_nixl_write_announced_ms_p50']} ms to one told over ZMQ at DONE (as kvroom's decode)"
     )
     return 0
 
