@@ -123,12 +123,17 @@ def polled_write_ms(nbytes: int, tick: float, repeat: int = 100) -> float:
     return remote_write_ms(nbytes, tick, repeat)[1]
 
 
-def announced_write_ms(nbytes: int, repeat: int = 100) -> float:
-    """p50 from posting one WRITE of ``nbytes`` to a target in another process hearing of it in a
-    ZMQ message sent at DONE, while it waits on its socket: how kvroom's decode learns of one."""
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free now (another process may still take it before it is bound)."""
     import socket
 
-    with socket.socket() as s:  # a free port for the target to bind
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    return remote_write_ms(nbytes, 0.0, repeat, port=port, warmup=5, gap=0.003)[1]
+        return int(s.getsockname()[1])
+
+
+def announced_write_ms(nbytes: int, repeat: int = 100) -> tuple[float, float]:
+    """p50s (ms) from posting one WRITE of ``nbytes`` to its DONE, and to a target in another
+    process hearing of it in a ZMQ message sent at DONE while it waits on its socket (how
+    kvroom's decode learns of one)."""
+    return remote_write_ms(nbytes, 0.0, repeat, port=free_port(), warmup=5, gap=0.003)

@@ -4,12 +4,12 @@ Prefill runs in this process and decode in a child, each bound to its own core (
 decode 1, every thread), each scheduler polling its room every ``--poll-us`` (100) as an
 engine's loop would. Rooms go one at a time: decode sends its page list, prefill sends the
 room's pages in ``--chunks`` chunks back to back, and both poll to Success. Timestamps (one
-monotonic clock across the processes) come from wrappers around four internal methods, so this
+monotonic clock across the processes) come from wrappers around three internal methods, so this
 program follows the tree's internals and fails at once if one is renamed:
 ``PrefillWrites._post`` (a batch of WRITEs posted as one transfer), ``PrefillWrites._done`` (its
 DONE, the room's COMPLETE and the WRITTEN sent) and ``DecodeRooms._on_written`` (decode's
 worker handling it). Printed: the median of each step, and beside them a raw NIXL WRITE of the
-same bytes to another process (``_agents.remote_write_ms``): its DONE and a target told over ZMQ
+same bytes to another process (``_agents.announced_write_ms``): its DONE and a target told over ZMQ
 at DONE seeing it.
 
 The defaults are one vLLM-sized room of the tiny model in ``vllm_pd.py`` (512 KiB: 2 pages of
@@ -27,7 +27,6 @@ import bisect
 import json
 import multiprocessing
 import os
-import socket
 import statistics
 import time
 from multiprocessing.connection import Connection
@@ -35,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _agents import remote_write_ms
+from _agents import announced_write_ms
 
 WARMUP = 30  # rooms not counted: connections, first registrations, caches
 POOL_ROOMS = 3  # a room's pages rotate over this many disjoint page sets
@@ -166,10 +165,7 @@ def main() -> None:
         "decode_send_to_seen": _med([s - r["start"] for s, r in zip(decode_seen, rows, strict=True)]),
     }
     nbytes = args.pages * args.buffers * (args.page_kib << 10)
-    with socket.socket() as s:  # a free port for the raw target
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    raw_done, raw_seen = remote_write_ms(nbytes, 0.0, 100, port=port, warmup=5, gap=0.003)
+    raw_done, raw_seen = announced_write_ms(nbytes)
     out = {
         "room_bytes": nbytes,
         "rooms": len(rows),
